@@ -1,0 +1,1 @@
+"""The ``jaxhet`` command line (thin wrappers over the library)."""

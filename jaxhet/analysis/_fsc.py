@@ -72,9 +72,7 @@ def fsc_resolution(curve: np.ndarray, pixel_size: float, threshold: float = 0.14
 def fsc_auc(curve: np.ndarray, normalized: bool = False) -> float:
     """Area under an FSC curve against cycles/pixel up to Nyquist (CryoBench FSC-AUC)."""
     c = np.asarray(curve, np.float64)
-    x = fsc_frequencies(2 * len(c))
-    x = np.append(x, 0.5)
-    c = np.append(c, c[-1])
+    x = fsc_frequencies(2 * len(c))  # r / D for r = 0 .. D/2 - 1, as cryoDRGN's pixres
     area = float(np.trapezoid(c, x)) if hasattr(np, "trapezoid") else float(np.trapz(c, x))
     return area / 0.5 if normalized else area
 

@@ -96,10 +96,12 @@ def gaussian_atoms_fourier(positions_in_angstroms: Float[Array, "n 3"], masses: 
     in chunks to bound memory.
     """
     k = jnp.asarray(freqs_in_inverse_angstroms)
-    pos = jnp.asarray(positions_in_angstroms, jnp.float32)
+    real_dtype = jnp.promote_types(k.dtype, jnp.float32)  # float32, or float64 under x64
+    k = k.astype(real_dtype)
+    pos = jnp.asarray(positions_in_angstroms, real_dtype)
     n = pos.shape[0]
-    sig = jnp.broadcast_to(jnp.asarray(sigmas_in_angstroms, jnp.float32), (n,))
-    m = jnp.broadcast_to(jnp.asarray(masses, jnp.float32), (n,))
+    sig = jnp.broadcast_to(jnp.asarray(sigmas_in_angstroms, real_dtype), (n,))
+    m = jnp.broadcast_to(jnp.asarray(masses, real_dtype), (n,))
     pad = (-n) % chunk
     pos = jnp.pad(pos, ((0, pad), (0, 0)))
     sig = jnp.pad(sig, (0, pad), constant_values=1.0)
@@ -115,5 +117,5 @@ def gaussian_atoms_fourier(positions_in_angstroms: Float[Array, "n 3"], masses: 
         return acc + jnp.sum(amp * jnp.cos(phase), 1) + 1j * jnp.sum(amp * jnp.sin(phase), 1), None
 
     xs = (pos.reshape(-1, chunk, 3), sig.reshape(-1, chunk), m.reshape(-1, chunk))
-    acc, _ = jax.lax.scan(body, jnp.zeros(kf.shape[0], jnp.complex64), xs)
+    acc, _ = jax.lax.scan(body, jnp.zeros(kf.shape[0], jnp.result_type(real_dtype, jnp.complex64)), xs)
     return acc.reshape(k.shape[:-1])

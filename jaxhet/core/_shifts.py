@@ -27,7 +27,7 @@ def shift_phase(freqs_2d: Float[Array, "... 2"], shift_in_pixels: Float[Array, "
     """
     s = jnp.asarray(shift_in_pixels)
     phase = -2.0 * jnp.pi * (freqs_2d[..., 0] * s[0] + freqs_2d[..., 1] * s[1]) / box_size
-    return jnp.exp(1j * phase.astype(jnp.float32))
+    return jnp.exp(1j * phase)  # complex64 for float32 inputs, complex128 under x64
 
 
 def shift_image(image: Float[Array, "y x"], shift_in_pixels: Float[Array, "2"]) -> Float[Array, "y x"]:

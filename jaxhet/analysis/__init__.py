@@ -2,5 +2,11 @@
 
 from ._fsc import *  # noqa: F401,F403
 from ._fsc import __all__ as _a_fsc
+from ._masks import *  # noqa: F401,F403
+from ._masks import __all__ as _a_masks
 
-__all__ = [*_a_fsc]
+__all__ = [*_a_fsc, *_a_masks]
+from ._plots import *  # noqa: F401,F403
+from ._plots import __all__ as _a_plots
+
+__all__ += [*_a_plots]

@@ -110,7 +110,7 @@ def read_mrc_header(path) -> dict:
                 h = mrc.header
                 shape = (int(h.nz), int(h.ny), int(h.nx))
                 return {"shape": shape, "mode": int(h.mode), "voxel_size": _voxel_size(mrc),
-                        "is_stack": bool(mrc.is_image_stack())}
+                        "is_stack": bool(int(h.ispg) == 0 and int(h.nz) > 1)}
     except (ValueError, OSError, EOFError) as e:
         raise _open_error(path, e) from None
 

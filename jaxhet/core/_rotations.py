@@ -149,9 +149,16 @@ def random_rotations(key: Array, n: int) -> Float[Array, "n 3 3"]:
 
 
 def rotation_angle_between(a: Float[Array, "*batch 3 3"], b: Float[Array, "*batch 3 3"]) -> Float[Array, "*batch"]:
-    """Geodesic angle in degrees between two rotations: arccos((tr(a^T b) - 1) / 2)."""
+    """Geodesic angle in degrees between two rotations: arccos((tr(a^T b) - 1) / 2).
+
+    Evaluated as ``2 atan2(sin(t/2), cos(t/2))`` with ``||a - b||_F = 2 sqrt(2) sin(t/2)`` and
+    ``1 + tr(a^T b) = 4 cos^2(t/2)``: accurate near 0 (arccos of a float32 trace has a
+    ~0.03 degree floor there).
+    """
     tr = jnp.einsum("...ij,...ij->...", a, b)
-    return jnp.rad2deg(jnp.arccos(jnp.clip((tr - 1) / 2, -1.0, 1.0)))
+    half_sin = jnp.sqrt(jnp.sum((a - b) ** 2, axis=(-2, -1))) / (2 * math.sqrt(2.0))
+    half_cos = jnp.sqrt(jnp.maximum(1 + tr, 0.0)) / 2
+    return jnp.rad2deg(2 * jnp.arctan2(half_sin, half_cos))
 
 
 def healpix_directions(nside: int) -> np.ndarray:
@@ -178,7 +185,7 @@ def healpix_directions(nside: int) -> np.ndarray:
     iring = tmp + nside
     iphi = ip - 4 * nside * tmp + 1
     fodd = np.where((iring + nside) & 1, 1.0, 0.5)
-    z[eq] = (2 * nside - iring) * 4.0 / npix
+    z[eq] = (2 * nside - iring) * 2.0 / (3.0 * nside)  # (2 nside - iring) * fact1, fact1 = 8 nside / npix
     phi[eq] = (iphi - fodd) * np.pi / (2 * nside)
     ip = npix - pix[south]
     iring = (1 + np.floor(np.sqrt(2 * ip - 1)).astype(np.int64)) >> 1
@@ -213,7 +220,32 @@ def so3_grid(step_in_degrees: float) -> tuple[np.ndarray, np.ndarray]:
     tilt = np.rad2deg(dirs[:, 0])
     eul = np.stack(np.broadcast_arrays(rot[:, None], tilt[:, None], psi[None, :]), -1).reshape(-1, 3)
     eul = eul.astype(np.float32)
-    return np.asarray(euler_to_matrix(jnp.asarray(eul))), eul
+    return _euler_to_matrix_np(eul).astype(np.float32), eul
+
+
+def _euler_to_matrix_np(euler_in_degrees: np.ndarray) -> np.ndarray:
+    """NumPy (float64) twin of :func:`euler_to_matrix` for static grids (usable under jit)."""
+    a, b, g = np.moveaxis(np.deg2rad(np.asarray(euler_in_degrees, np.float64)), -1, 0)
+    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
+    return np.stack([
+        np.stack([cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb], -1),
+        np.stack([-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb], -1),
+        np.stack([sb * ca, sb * sa, cb], -1),
+    ], -2)
+
+
+def _axis_angle_to_matrix_np(rotvec: np.ndarray) -> np.ndarray:
+    """NumPy (float64) Rodrigues formula for static grids (usable under jit)."""
+    v = np.asarray(rotvec, np.float64)
+    th = np.linalg.norm(v, axis=-1)[..., None, None]
+    safe = np.where(th > 0, th, 1.0)
+    zero = np.zeros_like(v[..., 0])
+    K = np.stack([
+        np.stack([zero, -v[..., 2], v[..., 1]], -1),
+        np.stack([v[..., 2], zero, -v[..., 0]], -1),
+        np.stack([-v[..., 1], v[..., 0], zero], -1),
+    ], -2) / safe
+    return np.eye(3) + np.sin(th) * K + (1 - np.cos(th)) * (K @ K)
 
 
 def local_rotation_grid(max_angle_in_degrees: float, step_in_degrees: float) -> np.ndarray:
@@ -226,7 +258,7 @@ def local_rotation_grid(max_angle_in_degrees: float, step_in_degrees: float) -> 
     g = np.arange(-n, n + 1) * np.deg2rad(step_in_degrees)
     v = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
     v = v[np.linalg.norm(v, axis=-1) <= np.deg2rad(max_angle_in_degrees) + 1e-9]
-    return np.asarray(axis_angle_to_matrix(jnp.asarray(v, jnp.float32)))
+    return _axis_angle_to_matrix_np(v).astype(np.float32)
 
 
 def local_rotations(matrix: Float[Array, "*batch 3 3"], max_angle_in_degrees: float,

@@ -33,7 +33,7 @@ from jaxhet._errors import JaxhetInputError
 from jaxhet.io._geometry import (axis_angle_to_matrix_np, euler_to_matrix_np,
                                  matrix_to_axis_angle_np, matrix_to_euler_np)
 from jaxhet.io._mrc import stack_box_sizes
-from jaxhet.io._paths import relative_name, resolve_stack_names
+from jaxhet.io._paths import names_still_valid, relative_name, resolve_stack_names
 from jaxhet.io._table import ParticleTable, snapshot
 
 __all__ = ["read_cs", "write_cs", "cs_pose_to_relion", "relion_to_cs_pose"]
@@ -175,9 +175,9 @@ def cs_array(table: ParticleTable, path: str = "particles.cs") -> np.ndarray:
         if m.any() and "blob/shape" in arr.dtype.names:
             arr["blob/shape"][m] = table.box_size[m, None]
         m = ch("stack_paths") | ch("stack_indices")
-        same_dir = os.path.realpath(out_dir) == src["dir"]
-        if not same_dir:
-            m = m | ~np.array([os.path.isabs(p) for p in _decode(arr["blob/path"])], bool)
+        if os.path.realpath(out_dir) != src["dir"]:
+            # keep a name only if it still resolves to the same file from the new folder
+            m = m | ~names_still_valid(_decode(arr["blob/path"]), table.stack_paths, out_dir)
         if m.any():
             new = np.array([relative_name(p, out_dir).encode() for p in table.stack_paths], dtype=object)
             width = max(arr.dtype["blob/path"].itemsize if arr.dtype["blob/path"].kind == "S" else 0,

@@ -64,6 +64,12 @@ def _check_finite(path: str, images: np.ndarray, indices: np.ndarray | None) -> 
     raise JaxhetInputError(f"{path}: image {which} has NaN or infinite pixels")
 
 
+def _update_stats(mrc) -> None:
+    with warnings.catch_warnings():  # NaN data warns; reading such data raises instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mrc.update_header_stats()
+
+
 def read_mrc(path) -> tuple[np.ndarray, float]:
     """Read a whole MRC/MRCS file into memory.
 
@@ -131,7 +137,7 @@ def write_mrc(path, array, voxel_size_A: float, overwrite: bool = False) -> None
     with mrcfile.new(path, overwrite=True) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = float(voxel_size_A)
-        mrc.update_header_stats()
+        _update_stats(mrc)
 
 
 def write_stack(path, images, pixel_size_A: float, overwrite: bool = False,
@@ -156,7 +162,7 @@ def write_stack(path, images, pixel_size_A: float, overwrite: bool = False,
         mrc.set_data(data)
         mrc.set_image_stack()
         mrc.voxel_size = float(pixel_size_A)
-        mrc.update_header_stats()
+        _update_stats(mrc)
 
 
 class StackWriter:
@@ -184,7 +190,7 @@ class StackWriter:
 
     def close(self) -> None:
         if self._mrc is not None:
-            self._mrc.update_header_stats()
+            _update_stats(self._mrc)
             self._mrc.close()
             self._mrc = None
 

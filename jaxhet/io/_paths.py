@@ -58,6 +58,20 @@ def resolve_stack_names(names, metadata_path: str, datadir: str | None = None) -
     return resolved[codes]
 
 
+def names_still_valid(names, paths, out_dir: str) -> np.ndarray:
+    """[N] bool: whether each stack name, read from a file in ``out_dir``, would resolve to
+    ``paths`` (so it can be written unchanged)."""
+    names = np.asarray(names, dtype=object)
+    paths = np.asarray(paths, dtype=object)
+    key = pd.Series([f"{n}\x00{p}" for n, p in zip(names, paths)])
+    codes, uniques = pd.factorize(key, sort=False)
+    ok = np.empty(len(uniques), bool)
+    for i, u in enumerate(uniques):
+        n, p = u.split("\x00", 1)
+        ok[i] = os.path.abspath(_resolve_one(n, out_dir, None)) == os.path.abspath(p)
+    return ok[codes] if len(names) else np.zeros(0, bool)
+
+
 def relative_name(path: str, out_dir: str) -> str:
     """``path`` written relative to ``out_dir`` (absolute paths elsewhere stay absolute)."""
     ap = os.path.abspath(path)

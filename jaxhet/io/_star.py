@@ -30,7 +30,7 @@ import starfile
 
 from jaxhet._errors import JaxhetInputError
 from jaxhet.io._mrc import stack_box_sizes
-from jaxhet.io._paths import relative_name, resolve_stack_names
+from jaxhet.io._paths import names_still_valid, relative_name, resolve_stack_names
 from jaxhet.io._table import ParticleTable, snapshot
 
 __all__ = ["read_star", "write_star"]
@@ -295,8 +295,10 @@ def _set(df: pd.DataFrame, col: str, mask: np.ndarray, values) -> None:
     df[col] = pd.Series(colvals, index=df.index, dtype=object)
 
 
-def _optics_groups(table: ParticleTable) -> tuple[np.ndarray, pd.DataFrame]:
+def _optics_groups(table: ParticleTable, path: str = "") -> tuple[np.ndarray, pd.DataFrame]:
     """Optics groups (1-based) and their values; a group whose particles disagree is split."""
+    if (table.box_size <= 0).any():
+        raise JaxhetInputError(f"{path}: image size unknown for some particles; cannot write rlnImageSize")
     combos = pd.DataFrame({
         "g": table.optics_group, "kv": table.voltage_in_kilovolts,
         "cs": table.spherical_aberration_in_mm, "w": table.amplitude_contrast,
@@ -323,11 +325,9 @@ def _image_names(table: ParticleTable, out_dir: str, keep: np.ndarray | None, ol
 def _check_table(path: str, table: ParticleTable) -> None:
     if not table.has_ctf:
         raise JaxhetInputError(f"{path}: the particles have no CTF parameters; a RELION STAR file needs them")
-    if (table.box_size <= 0).any():
-        raise JaxhetInputError(f"{path}: image size unknown for some particles; cannot write rlnImageSize")
 
 
-def _update_blocks(table: ParticleTable, src: dict, out_dir: str) -> dict:
+def _update_blocks(table: ParticleTable, src: dict, out_dir: str, path: str) -> dict:
     blocks = {k: (v.copy() if isinstance(v, pd.DataFrame) else dict(v)) for k, v in src["blocks"].items()}
     pk, ok = src["particles"], src["optics"]
     P = blocks[pk].iloc[table.source_rows].reset_index(drop=True)
@@ -339,8 +339,8 @@ def _update_blocks(table: ParticleTable, src: dict, out_dir: str) -> dict:
                      "pixel_size_in_angstroms", "box_size", "optics_group"]
     optics_changed = any(table.changed(f).any() for f in optics_fields)
     if optics_changed:
-        groups, uniq = _optics_groups(table)
         if layout == "3.1":
+            groups, uniq = _optics_groups(table, path)
             old = O
             rows = []
             for _, u in uniq.iterrows():
@@ -382,7 +382,7 @@ def _update_blocks(table: ParticleTable, src: dict, out_dir: str) -> dict:
             if "rlnImageSize" in P:
                 _set(P, "rlnImageSize", allm, table.box_size)
             if "rlnOpticsGroup" in P:
-                _set(P, "rlnOpticsGroup", allm, groups)
+                _set(P, "rlnOpticsGroup", allm, table.optics_group)
 
     if table.has_poses:
         m = table.changed("euler_in_degrees")
@@ -410,20 +410,22 @@ def _update_blocks(table: ParticleTable, src: dict, out_dir: str) -> dict:
         if col in P or m.any():  # a new particle column (all rows) overrides any optics value
             _set(P, col, m, getattr(table, name))
 
-    same_dir = os.path.realpath(out_dir or ".") == src["dir"]
     old_names = P["rlnImageName"].to_numpy(dtype=object)
     keep = ~(table.changed("stack_paths") | table.changed("stack_indices"))
-    if not same_dir:  # relative names must be re-expressed from the new folder
-        keep &= np.array([os.path.isabs(str(s).partition("@")[2] or str(s)) for s in old_names], bool)
+    if os.path.realpath(out_dir or ".") != src["dir"] and keep.any():
+        # keep a name only if it still resolves to the same file from the new folder
+        stack_part = np.array([str(s).partition("@")[2] or str(s) for s in old_names], dtype=object)
+        keep &= names_still_valid(stack_part, table.stack_paths, out_dir)
     if not keep.all():
         P["rlnImageName"] = pd.Series(_image_names(table, out_dir, keep, old_names), dtype=object)
     blocks[pk] = P
     return blocks
 
 
-def _fresh_blocks(table: ParticleTable, layout: str, out_dir: str) -> dict:
+def _fresh_blocks(table: ParticleTable, layout: str, out_dir: str, path: str) -> dict:
     n = len(table)
-    groups, uniq = _optics_groups(table)
+    if layout == "3.1":
+        groups, uniq = _optics_groups(table, path)
     P = pd.DataFrame({"rlnImageName": _image_names(table, out_dir, None, None)})
     allm = np.ones(n, bool)
     if table.has_poses:
@@ -465,7 +467,8 @@ def _fresh_blocks(table: ParticleTable, layout: str, out_dir: str) -> dict:
     _set(P, "rlnMagnification", allm, np.full(n, 10000.0))
     _set(P, "rlnDetectorPixelSize", allm, table.pixel_size_in_angstroms)
     _set(P, "rlnImagePixelSize", allm, table.pixel_size_in_angstroms)
-    _set(P, "rlnImageSize", allm, table.box_size)
+    if (table.box_size > 0).all():
+        _set(P, "rlnImageSize", allm, table.box_size)
     return {"": P}
 
 
@@ -478,10 +481,10 @@ def star_text(table: ParticleTable, path: str = "particles.star", version="3.1")
     src = table.source
     if isinstance(src, dict) and src.get("format") == "star" and src["layout"] == layout \
             and table.source_rows is not None:
-        blocks = _update_blocks(table, src, out_dir)
+        blocks = _update_blocks(table, src, out_dir, path)
         version_line = src["version_line"] if src["version"] == version else None
     else:
-        blocks = _fresh_blocks(table, layout, out_dir)
+        blocks = _fresh_blocks(table, layout, out_dir, path)
         version_line = None
     if version_line is None and layout == "3.1":
         version_line = "50001" if version == "5.0" else "30001"

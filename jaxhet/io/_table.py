@@ -97,6 +97,10 @@ class ParticleTable:
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(n))
         if self.source_rows is not None:
             self.source_rows = np.asarray(self.source_rows, dtype=np.int64).reshape(n)
+        for name in ARRAY_FIELDS:  # views of pandas/np.load buffers may be read-only
+            a = getattr(self, name)
+            if not a.flags.writeable:
+                setattr(self, name, a.copy())
         self.has_poses = bool(self.has_poses)
         self.has_ctf = bool(self.has_ctf)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Complex, Float
@@ -108,6 +109,15 @@ class VolumeFT(NamedTuple):
     @property
     def padded_size(self) -> int:
         return self.spectrum.shape[-1]
+
+
+# box_size and pad_factor are static (pytree aux data), so a VolumeFT can be passed to
+# jit/vmap'ed functions as an argument: only the spectrum is traced.
+jax.tree_util.register_pytree_node(
+    VolumeFT,
+    lambda v: ((v.spectrum,), (v.box_size, v.pad_factor)),
+    lambda aux, children: VolumeFT(children[0], *aux),
+)
 
 
 def _sinc2_correction(size: int, padded: int) -> np.ndarray:

@@ -177,7 +177,7 @@ def model_name(model: HyperMolecule) -> str:
 def model_state_to_arrays(module: nnx.Module) -> dict[str, np.ndarray]:
     """All state leaves of a module as ``{"path/to/leaf": array}`` (for npz files)."""
     flat = nnx.to_flat_state(nnx.state(module))
-    return {"/".join(str(p) for p in path): np.asarray(v.value if hasattr(v, "value") else v)
+    return {"/".join(str(p) for p in path): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
             for path, v in flat}
 
 
@@ -191,9 +191,10 @@ def model_state_from_arrays(module: nnx.Module, arrays: dict[str, np.ndarray], s
         if key not in arrays:
             raise JaxhetInputError(f"{source}: missing model parameter {key}")
         arr = np.asarray(arrays[key])
-        if arr.shape != tuple(v.value.shape):
-            raise JaxhetInputError(f"{source}: parameter {key} has shape {arr.shape}, expected {tuple(v.value.shape)}")
-        new.append((path, v.replace(jnp.asarray(arr, v.value.dtype))))
+        old = v.get_value()
+        if arr.shape != tuple(old.shape):
+            raise JaxhetInputError(f"{source}: parameter {key} has shape {arr.shape}, expected {tuple(old.shape)}")
+        new.append((path, v.replace(jnp.asarray(arr, old.dtype))))
     nnx.update(module, nnx.from_flat_state(new))
 
 

@@ -77,10 +77,13 @@ def fourier_downsample(images, new_box: int) -> np.ndarray:
     if new_box % 2 or new_box < 2 or new_box > D:
         raise JaxhetInputError(f"fourier_downsample: new box {new_box} must be even and between 2 and {D}")
     h = new_box // 2
-    F = scipy.fft.rfft2(x, axes=(-2, -1))
+    # transform about the centre pixel (D//2 -> index 0), so that it maps to new_box//2
+    # for odd D as well as even D
+    F = scipy.fft.rfft2(np.fft.ifftshift(x, axes=(-2, -1)), axes=(-2, -1))
     rows = np.r_[0:h, D - h:D]  # frequencies 0..h-1 and -h..-1 along y
     Fc = F[..., rows, :h + 1]
     out = scipy.fft.irfft2(Fc, s=(new_box, new_box), axes=(-2, -1))
+    out = np.fft.fftshift(out, axes=(-2, -1))
     return (out * (new_box / D) ** 2).astype(np.float32)
 
 

@@ -135,7 +135,9 @@ def write_mrc(path, array, voxel_size_A: float, overwrite: bool = False) -> None
     if data.ndim not in (2, 3):
         raise JaxhetInputError(f"{path}: expected a 2D or 3D array, got shape {data.shape}")
     with mrcfile.new(path, overwrite=True) as mrc:
-        mrc.set_data(data)
+        with warnings.catch_warnings():  # NaN data warns; reading such data raises
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mrc.set_data(data)
         mrc.voxel_size = float(voxel_size_A)
         _update_stats(mrc)
 
@@ -159,7 +161,9 @@ def write_stack(path, images, pixel_size_A: float, overwrite: bool = False,
         raise JaxhetInputError(f"{path}: expected images [n, y, x], got shape {data.shape}")
     data = np.ascontiguousarray(data.astype(np.dtype(dtype), copy=False))
     with mrcfile.new(path, overwrite=True) as mrc:
-        mrc.set_data(data)
+        with warnings.catch_warnings():  # NaN data warns; reading such data raises
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mrc.set_data(data)
         mrc.set_image_stack()
         mrc.voxel_size = float(pixel_size_A)
         _update_stats(mrc)

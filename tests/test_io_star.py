@@ -200,9 +200,12 @@ def test_read_relion5_keeps_extra_columns_and_blocks(tmp_path):
     np.testing.assert_allclose(t.origin_in_pixels[3], [2.0, -1.0], rtol=1e-15)  # 3.32 A / 1.66 A/px
     np.testing.assert_array_equal(t.stack_indices, [0, 1, 0, 2])
     out = tmp_path / "out.star"
-    write_star(out, t, version="5.0")
+    write_star(out, t)  # default: the version it was read as
     _assert_same_blocks(p, out)
     assert out.read_text().startswith("# version 50001")
+    write_star(tmp_path / "as31.star", t, version="3.1")
+    _assert_same_blocks(p, tmp_path / "as31.star")
+    assert (tmp_path / "as31.star").read_text().startswith("# version 30001")
     assert _raw(out)["particles"]["rlnGroupName"].tolist() == ["001", "001", "002", "003"]
     assert _raw(out)["general"]["rlnSomeComment"] == "a b"
     _assert_tables_equal(read_star(out), t)
@@ -218,6 +221,8 @@ def test_unchanged_round_trip_is_exact(tmp_path, name, version):
     write_star(out, t, version=version)
     _assert_same_blocks(src, out)
     _assert_tables_equal(read_star(out), t)
+    write_star(tmp_path / "default.star", t)  # default version: the source's
+    _assert_same_blocks(src, tmp_path / "default.star")
 
 
 def test_round_trip_to_another_folder_keeps_stack_files(tmp_path):

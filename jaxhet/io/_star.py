@@ -129,7 +129,6 @@ class _Lookup:
 def _split_image_names(path: str, s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     s = s.astype(str)
     part = s.str.partition("@")
-    has_at = (part[1] == "@").to_numpy()
     idx_txt = part[0].where(part[1] == "@", "1")
     names = part[2].where(part[1] == "@", part[0]).to_numpy(dtype=object)
     idx = pd.to_numeric(idx_txt, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -138,7 +137,6 @@ def _split_image_names(path: str, s: pd.Series) -> tuple[np.ndarray, np.ndarray]
         i = int(np.nonzero(bad)[0][0])
         raise JaxhetInputError(
             f"{path}: bad rlnImageName {s.iloc[i]!r} in row {i + 1} (expected INDEX@FILE, INDEX >= 1)")
-    del has_at
     return names, idx.astype(np.int64) - 1
 
 
@@ -472,8 +470,11 @@ def _fresh_blocks(table: ParticleTable, layout: str, out_dir: str, path: str) ->
     return {"": P}
 
 
-def star_text(table: ParticleTable, path: str = "particles.star", version="3.1") -> str:
+def star_text(table: ParticleTable, path: str = "particles.star", version: str | None = None) -> str:
     """The STAR file :func:`write_star` would write, as a string."""
+    if version is None:
+        src = table.source
+        version = src["version"] if isinstance(src, dict) and src.get("format") == "star" else "3.1"
     version = _norm_version(version)
     layout = "3.0" if version == "3.0" else "3.1"
     _check_table(path, table)
@@ -494,7 +495,7 @@ def star_text(table: ParticleTable, path: str = "particles.star", version="3.1")
     return head + "# written by jaxhet\n" + body
 
 
-def write_star(path, table: ParticleTable, version: str = "3.1", overwrite: bool = False) -> None:
+def write_star(path, table: ParticleTable, version: str | None = None, overwrite: bool = False) -> None:
     """Write a ParticleTable as a RELION STAR file.
 
     A table read by :func:`read_star` and written in the same layout keeps every block,
@@ -507,7 +508,8 @@ def write_star(path, table: ParticleTable, version: str = "3.1", overwrite: bool
     Args:
         path: output STAR file.
         table: the particles.
-        version: ``"3.0"``, ``"3.1"`` (also RELION 4) or ``"5.0"``.
+        version: ``"3.0"``, ``"3.1"`` (also RELION 4) or ``"5.0"``; None (default): the
+            version of the STAR file the table was read from, else ``"3.1"``.
         overwrite: replace an existing file.
 
     Raises:

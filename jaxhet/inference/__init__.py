@@ -1,0 +1,14 @@
+"""jaxhet.inference: algorithms over the core and the models (reconstruction, EM, ab initio, ...)."""
+
+from ._reconstruct import *  # noqa: F401,F403
+from ._reconstruct import __all__ as _a_reconstruct
+
+__all__ = [*_a_reconstruct]
+from ._vae import *  # noqa: F401,F403
+from ._vae import __all__ as _a_vae
+
+__all__ += [*_a_vae]
+from ._classify import *  # noqa: F401,F403
+from ._classify import __all__ as _a_classify
+
+__all__ += [*_a_classify]

@@ -164,6 +164,11 @@ def test_bad_pkl_inputs(tmp_path, rng):
 HAVE_CRYODRGN = importlib.util.find_spec("cryodrgn") is not None
 
 
+def _pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def _run_cryodrgn(module: str, argv: list[str]) -> None:
     import importlib
     mod = importlib.import_module(f"cryodrgn.commands.{module}")
@@ -182,11 +187,11 @@ def test_live_cryodrgn_on_fixtures_and_on_a_star_jaxhet_wrote(tmp_path, rng):
     _run_cryodrgn("parse_pose_csparc", [o("particles.cs"), "-o", o("c_pose.pkl")])
     _run_cryodrgn("parse_ctf_csparc", [o("particles.cs"), "-o", o("c_ctf.pkl")])
     for mine, ref in (("s", "star31"), ("c", "cs")):
-        r_live, t_live = pickle.load(open(o(f"{mine}_pose.pkl"), "rb"))
+        r_live, t_live = _pickle(o(f"{mine}_pose.pkl"))
         r_fix, t_fix = _load(f"cryodrgn_{ref}_pose.pkl")
         np.testing.assert_allclose(r_live, r_fix, atol=1e-6)
         np.testing.assert_allclose(t_live, t_fix, atol=1e-8)
-        np.testing.assert_array_equal(pickle.load(open(o(f"{mine}_ctf.pkl"), "rb")), _load(f"cryodrgn_{ref}_ctf.pkl"))
+        np.testing.assert_array_equal(_pickle(o(f"{mine}_ctf.pkl")), _load(f"cryodrgn_{ref}_ctf.pkl"))
 
     # a new random data set, written by jaxhet, read by cryoDRGN
     n = 40
@@ -203,8 +208,8 @@ def test_live_cryodrgn_on_fixtures_and_on_a_star_jaxhet_wrote(tmp_path, rng):
     write_star(o("jaxhet.star"), t)
     _run_cryodrgn("parse_pose_star", [o("jaxhet.star"), "-o", o("j_pose.pkl")])
     _run_cryodrgn("parse_ctf_star", [o("jaxhet.star"), "-o", o("j_ctf.pkl")])
-    rot, trans = pickle.load(open(o("j_pose.pkl"), "rb"))
+    rot, trans = _pickle(o("j_pose.pkl"))
     mine_rot, mine_trans = table_to_cryodrgn_poses(t)
     np.testing.assert_allclose(rot, mine_rot, atol=1e-6)
     np.testing.assert_allclose(trans, mine_trans, atol=1e-7)
-    np.testing.assert_array_equal(pickle.load(open(o("j_ctf.pkl"), "rb")), table_to_cryodrgn_ctf(t))
+    np.testing.assert_array_equal(_pickle(o("j_ctf.pkl")), table_to_cryodrgn_ctf(t))

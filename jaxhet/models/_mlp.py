@@ -200,7 +200,10 @@ class CryoDRGNDecoder(HyperMolecule):
         re = out[..., 0]
         im = jnp.where(flip, -out[..., 1], out[..., 1])
         im = jnp.where((cx == 0) & (cy == 0) & (cz == 0), 0.0, im)  # F(0) is real
-        inside = jnp.sum(c * c, -1) <= 0.25
+        # |c| <= 1/2 with a relative slack of 1e-5: rotated image frequencies ON the Nyquist
+        # circle must not fall in or out with the last bit of rounding (the next shell is
+        # 4/D^2 relatively further out, > 1e-5 for D < 600)
+        inside = jnp.sum(c * c, -1) <= 0.25 * (1 + 1e-5)
         s = self.output_scale[...]
         return jnp.where(inside, s * re + 1j * (s * im), 0.0).astype(cdtype)
 

@@ -617,7 +617,7 @@ def classify(source, n_classes: int = 2, n_iterations: int = 20, *, config: Clas
             existing checkpoint with the same config is resumed.
         progress: tqdm bars; log: callable receiving a one-line summary per iteration.
         tol_changed: stop early once fewer than this fraction of images changes class
-            (after the resolution limit reached Nyquist).
+            and the resolution limit stopped growing.
 
     Returns:
         (final state, list of :class:`ClassificationStats`).
@@ -652,7 +652,6 @@ def classify(source, n_classes: int = 2, n_iterations: int = 20, *, config: Clas
                 + (f"  reseeded {stats.reseeded}" if stats.reseeded else "")
                 + (f"  pose change {stats.mean_pose_change_in_degrees:.2f} deg"
                    if stats.mean_pose_change_in_degrees else ""))
-        if tol_changed > 0 and stats.changed_fraction < tol_changed and stats.max_radius >= state.max_radius \
-                and state.max_radius >= _source_info(source)[1] / 2:
-            break
+        if tol_changed > 0 and stats.changed_fraction < tol_changed and state.max_radius <= stats.max_radius:
+            break  # assignments stable and the resolution limit stopped growing
     return state, history

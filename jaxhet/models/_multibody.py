@@ -163,6 +163,23 @@ class MultiBodyModel(HyperMolecule):
     def fourier(self, tau, k):
         return jnp.sum(self.body_fourier(tau, k), axis=0)
 
+    def volume(self, tau, box_size=None, pixel_size=None):
+        """Real map at tau: inverse DFT of :meth:`fourier` on the grid (body spectra prepared
+        once, then one z-plane of frequencies at a time)."""
+        from jaxhet.core import frequency_grid_3d, ifft3_centered
+        D = self.box_size if box_size is None else int(box_size)
+        a = self.pixel_size if pixel_size is None else float(pixel_size)
+        k = jnp.asarray(frequency_grid_3d(D, a))
+        t = jnp.asarray(tau).reshape(self.n_bodies, 6)
+        sp = self.spectra()
+        cen = self.centers[...]
+
+        def plane(kz):
+            return jnp.sum(jax.vmap(lambda s, c, tb: rigid_body_fourier(s, self.pad_factor, self.pixel_size, c, tb[:3],
+                                                                         tb[3:], kz))(sp, cen, t), axis=0)
+
+        return ifft3_centered(jax.lax.map(plane, k)).real.astype(jnp.float32)
+
     def body_image_poses(self, tau, rotation, shift_in_pixels=None):
         """Effective image pose of every body: rotations ``A R_b`` [n_bodies, 3, 3] and
         in-plane shifts ``s + (A (c_b + t_b - R_b c_b))_xy / a`` [n_bodies, 2] (px)."""

@@ -10,3 +10,7 @@ from ._plots import *  # noqa: F401,F403
 from ._plots import __all__ as _a_plots
 
 __all__ += [*_a_plots]
+from ._latent import *  # noqa: F401,F403
+from ._latent import __all__ as _a_latent
+
+__all__ += [*_a_latent]

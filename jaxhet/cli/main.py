@@ -11,7 +11,8 @@ import sys
 from jaxhet._errors import JaxhetInputError
 
 # command modules, in the order ``jaxhet --help`` lists them
-COMMANDS = ["_demo", "_simulate", "_reconstruct", "_info"]
+COMMANDS = ["_demo", "_simulate", "_info", "_reconstruct", "_refine", "_abinitio", "_classify", "_multibody",
+            "_train", "_covariance", "_evalvol", "_analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:

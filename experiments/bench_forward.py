@@ -187,6 +187,10 @@ def agreement(renderers, vol, atoms, D, a):
     vft = prepare_volume(jnp.asarray(vol))
     jh = jax.jit(jax.vmap(lambda A, s: render_image(project_volume(vft, A, s, None, a), D)))(R, shifts)
     out["jaxhet"]["proj_rel_err_vs_analytic"] = float(np.linalg.norm(jh - proj) / np.linalg.norm(proj))
+    if "jaxhet_pad1" in out:
+        vft1 = prepare_volume(jnp.asarray(vol), 1)
+        jh1 = jax.jit(jax.vmap(lambda A, s: render_image(project_volume(vft1, A, s, None, a), D)))(R, shifts)
+        out["jaxhet_pad1"]["proj_rel_err_vs_analytic"] = float(np.linalg.norm(jh1 - proj) / np.linalg.norm(proj))
     for name in list(out):
         if name.startswith("cryojax"):
             pad = 2.0 if name.endswith("pad2") else 1.0
@@ -231,7 +235,8 @@ def bench_size(D, batch, repeats, a, peers, tools, check=True):
     vol = np.asarray(vol)
     renderers = {}
     if "jaxhet" in tools:
-        renderers["jaxhet"] = jaxhet_renderer(vol, D, a)
+        renderers["jaxhet"] = jaxhet_renderer(vol, D, a)  # default: pad 2 + gridding correction
+        renderers["jaxhet_pad1"] = jaxhet_renderer(vol, D, a, pad_factor=1)
     if "cryojax" in peers and "cryojax" in tools:
         renderers["cryojax_pad1"] = cryojax_renderer(vol, D, a, 1.0)
         renderers["cryojax_pad2"] = cryojax_renderer(vol, D, a, 2.0)

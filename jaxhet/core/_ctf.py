@@ -73,14 +73,16 @@ def ctf(params: CTFParams, freqs_in_inverse_angstroms: Float[Array, "... 2"], si
     k = jnp.asarray(freqs_in_inverse_angstroms)
     kx, ky = k[..., 0], k[..., 1]
     k2 = kx * kx + ky * ky
-    angle = jnp.arctan2(ky, kx)
     lam = electron_wavelength_in_angstroms(params.voltage_in_kilovolts)
     du, dv = params.defocus_u_in_angstroms, params.defocus_v_in_angstroms
     ast = jnp.deg2rad(params.defocus_angle_in_degrees)
-    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * jnp.cos(2 * (angle - ast))
+    # cos(2 (azimuth - ast)) * k^2 = (kx^2 - ky^2) cos(2 ast) + 2 kx ky sin(2 ast): no arctan2
+    # per frequency, and smooth (differentiable) at k = 0
+    astig_k2 = (kx * kx - ky * ky) * jnp.cos(2 * ast) + 2 * kx * ky * jnp.sin(2 * ast)
+    defocus_k2 = 0.5 * (du + dv) * k2 + 0.5 * (du - dv) * astig_k2
     cs = params.spherical_aberration_in_mm * 1e7
     w = params.amplitude_contrast
-    gamma = (jnp.pi * lam * defocus * k2 - 0.5 * jnp.pi * cs * lam ** 3 * k2 * k2
+    gamma = (jnp.pi * lam * defocus_k2 - 0.5 * jnp.pi * cs * lam ** 3 * k2 * k2
              + jnp.arcsin(w) + jnp.deg2rad(params.phase_shift_in_degrees))
     out = jnp.sin(gamma) * jnp.exp(-params.b_factor_in_angstroms2 * k2 / 4.0)
     if sign == "relion":

@@ -56,13 +56,17 @@ def render_fourier(fourier_fn: FourierFn, rotation: Float[Array, "3 3"], shift_i
         ctf_sign: ``"relion"`` or ``"cryodrgn"``.
         layout: ``"half"`` or ``"full"``.
     """
-    k = jnp.asarray(image_frequencies(box_size, layout))
-    k_phys = k / (box_size * pixel_size)
+    k_np = image_frequencies(box_size, layout)  # static grid (cycles/box), separable in (ky, kx)
+    k_phys = jnp.asarray(k_np / (box_size * pixel_size))
     out = fourier_fn(rotate_image_frequencies(k_phys, rotation))
     if ctf_params is not None:
         out = out * ctf(ctf_params, k_phys, ctf_sign)
     if shift_in_pixels is not None:
-        out = out * shift_phase(k, shift_in_pixels, box_size)
+        # exp(-2 pi i (kx sx + ky sy) / D) as an outer product of two 1D phase vectors
+        s = jnp.asarray(shift_in_pixels)
+        phase_x = shift_phase(jnp.asarray(k_np[0, :, :]) * jnp.asarray([1.0, 0.0], k_np.dtype), s, box_size)
+        phase_y = shift_phase(jnp.asarray(k_np[:, 0, :]) * jnp.asarray([0.0, 1.0], k_np.dtype), s, box_size)
+        out = out * (phase_y[:, None] * phase_x[None, :])
     return out
 
 

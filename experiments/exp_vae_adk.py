@@ -1,0 +1,203 @@
+"""jaxhet VAE vs cryoDRGN train_vae on the simulated AdK transition (issue 6 benchmark).
+
+Data: ``jaxhet simulate --structure adk-transition`` (uniform over the 98 frames), D=32,
+4 A/px, SNR 0.05, 10k images. Both tools: encoder and decoder 3x256, zdim 8, the same
+batch size, the same .mrcs + poses.pkl + ctf.pkl (cryoDRGN inverts the data by default,
+which matches its CTF sign on RELION-convention data: CONVENTIONS.md).
+
+Metrics:
+- latent: Spearman |rho| between the first latent PC and the true frame;
+- maps: mean over 100 random images of the FSC-AUC (CryoBench, area up to Nyquist in
+  cycles/px: perfect ~0.5) between the map at the image's latent and the ground-truth
+  map of its frame;
+- speed: training images/s (median over epochs) and images per CPU-second (whole
+  process: user+sys), and peak RSS (``/usr/bin/time -v``).
+
+Stages (each can be run alone; the long ones in the background, one tool at a time):
+
+    python experiments/exp_vae_adk.py --stage simulate
+    python experiments/exp_vae_adk.py --stage jaxhet   [--epochs 20] [--tag full]
+    python experiments/exp_vae_adk.py --stage cryodrgn [--epochs 2]  [--tag e2]
+    python experiments/exp_vae_adk.py --stage evaluate
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, ".venv", "bin")
+RESULTS = os.path.join(ROOT, "experiments", "results", "vae_adk_d32.json")
+
+
+def _timed(cmd, log):
+    """Run cmd under /usr/bin/time -v; return (returncode, wall_s, cpu_s, peak_rss_MB)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.time() - t0
+    txt = open(log).read()
+    user = float(re.search(r"User time \(seconds\): ([\d.]+)", txt).group(1))
+    sys_ = float(re.search(r"System time \(seconds\): ([\d.]+)", txt).group(1))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", txt).group(1)) / 1024
+    return r.returncode, wall, user + sys_, rss
+
+
+def _record(key, value):
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    res = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    res[key] = value
+    with open(RESULTS, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def stage_simulate(a):
+    cmd = [f"{BIN}/jaxhet", "simulate", "--structure", "adk-transition", "-n", str(a.n), "--box", "32",
+           "--pixel-size", "4", "--snr", "0.05", "--gt-maps", "all", "--seed", "0", "-o", a.data]
+    if os.path.exists(os.path.join(a.data, "particles.mrcs")):
+        print("data exists:", a.data)
+        return
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def stage_jaxhet(a):
+    out = os.path.join(a.work, f"jaxhet_{a.tag}")
+    cmd = [f"{BIN}/jaxhet", "train", "vae", f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl",
+           "--ctf", f"{a.data}/ctf.pkl", "-o", out, "--zdim", "8", "--epochs", str(a.epochs), "-b", str(a.batch_size),
+           "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3", "--seed", "0",
+           "--no-progress"]
+    rc, wall, cpu, rss = _timed(cmd, out + ".log")
+    if rc:
+        raise SystemExit(f"jaxhet failed (rc {rc}), see {out}.log")
+    hist = json.load(open(os.path.join(out, "history.json")))
+    ips = [h["images_per_second"] for h in hist]
+    n = json.load(open(os.path.join(out, "config.json")))["n_images"]
+    rec = dict(command=" ".join(cmd), epochs=a.epochs, batch_size=a.batch_size, wall_s=wall, cpu_s=cpu,
+               peak_rss_MB=rss, images_per_s_median=float(np.median(ips)), images_per_s_epochs=ips,
+               images_per_cpu_s=n * a.epochs / cpu, out=out)
+    _record(f"jaxhet_{a.tag}", rec)
+    print(json.dumps(rec, indent=1))
+
+
+def stage_cryodrgn(a):
+    out = os.path.join(a.work, f"cryodrgn_{a.tag}")
+    cmd = [f"{BIN}/cryodrgn", "train_vae", f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl",
+           "--ctf", f"{a.data}/ctf.pkl", "-o", out, "--zdim", "8", "-n", str(a.epochs), "-b", str(a.batch_size),
+           "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3", "--seed", "0",
+           "--no-analysis"]
+    rc, wall, cpu, rss = _timed(cmd, out + ".log")
+    if rc:
+        raise SystemExit(f"cryodrgn failed (rc {rc}), see {out}.log")
+    log = open(os.path.join(out, "run.log")).read()
+    secs = []
+    for h, m, s in re.findall(r"Epoch: \d+ Average gen loss.*Finished in (\d+):(\d+):([\d.]+)", log):
+        secs.append(int(h) * 3600 + int(m) * 60 + float(s))
+    n = len(np.load(os.path.join(a.data, "labels.npy")))
+    ips = [n / s for s in secs]
+    rec = dict(command=" ".join(cmd), epochs=a.epochs, batch_size=a.batch_size, wall_s=wall, cpu_s=cpu,
+               peak_rss_MB=rss, images_per_s_median=float(np.median(ips)) if ips else None,
+               images_per_s_epochs=ips, images_per_cpu_s=n * a.epochs / cpu, out=out)
+    _record(f"cryodrgn_{a.tag}", rec)
+    print(json.dumps(rec, indent=1))
+
+
+def _spearman_pc1(z, labels):
+    from scipy.stats import spearmanr
+    zc = z - z.mean(0)
+    pc1 = zc @ np.linalg.svd(zc, full_matrices=False)[2][0]
+    return abs(float(spearmanr(pc1, labels).statistic))
+
+
+def _gt_maps(data):
+    from jaxhet.io import read_mrc
+    files = sorted(glob.glob(os.path.join(data, "gt", "frame_*.mrc")))
+    return {int(re.search(r"frame_(\d+)", f).group(1)): read_mrc(f)[0] for f in files}
+
+
+def _fsc_auc_mean(maps, frames, gt):
+    from jaxhet.analysis import map_fsc_auc
+    return [map_fsc_auc(m, gt[int(f)]) for m, f in zip(maps, frames)]
+
+
+def _jaxhet_maps(out, idx):
+    import jax.numpy as jnp
+    from jaxhet.inference import load_vae
+    from jaxhet.cli._evalvol import maps_at_latents
+    model, conf, z = load_vae(out)
+    return z, maps_at_latents(model, z[idx], conf["box_size"], conf["pixel_size"])
+
+
+def _cryodrgn_maps(out, idx, work):
+    with open(os.path.join(out, "z.pkl"), "rb") as f:
+        z = pickle.load(f)
+    zf = os.path.join(work, "cryodrgn_eval_z.txt")
+    np.savetxt(zf, z[idx])
+    vdir = os.path.join(work, "cryodrgn_eval_vols")
+    subprocess.run([f"{BIN}/cryodrgn", "eval_vol", os.path.join(out, "weights.pkl"), "-c",
+                    os.path.join(out, "config.yaml"), "--zfile", zf, "-o", vdir], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from jaxhet.io import read_mrc
+    files = sorted(glob.glob(os.path.join(vdir, "vol_*.mrc")))
+    return z, [read_mrc(f)[0] for f in files]
+
+
+def stage_evaluate(a):
+    labels = np.load(os.path.join(a.data, "labels.npy"))
+    gt = _gt_maps(a.data)
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), 100, replace=False))
+    res = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    table = []
+    for key in sorted(k for k in res if k.startswith(("jaxhet_", "cryodrgn_"))):
+        out = res[key]["out"]
+        if key.startswith("jaxhet_"):
+            z, maps = _jaxhet_maps(out, idx)
+        else:
+            z, maps = _cryodrgn_maps(out, idx, os.path.join(a.work, key))
+        aucs = _fsc_auc_mean(maps, labels[idx], gt)
+        rho = _spearman_pc1(np.asarray(z, np.float64), labels)
+        res[key].update(spearman_pc1_frame=rho, fsc_auc_mean_100=float(np.mean(aucs)),
+                        fsc_auc_std_100=float(np.std(aucs)))
+        table.append((key, res[key]["epochs"], rho, np.mean(aucs), res[key]["images_per_s_median"],
+                      res[key]["images_per_cpu_s"], res[key]["peak_rss_MB"]))
+    # reference: the ground-truth map of the neighbouring frame (how different are frames?)
+    from jaxhet.analysis import map_fsc_auc
+    res["reference_fsc_auc_gt_frame0_vs_frame97"] = map_fsc_auc(gt[0], gt[97])
+    res["reference_fsc_auc_gt_frame_vs_frame_plus_10_mean"] = float(np.mean(
+        [map_fsc_auc(gt[f], gt[min(97, f + 10)]) for f in range(0, 88, 8)]))
+    res["protocol"] = dict(data=a.data, n_images=int(len(labels)), box=32, pixel_size=4.0, snr=0.05,
+                           eval_images=idx.tolist()[:5] + ["..."], machine="2 shared CPU cores (other jobs running)")
+    with open(RESULTS, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{'run':18s} {'epochs':>6s} {'|rho| PC1':>9s} {'FSC-AUC':>8s} {'img/s':>7s} {'img/CPU-s':>9s} {'RSS MB':>7s}")
+    for row in table:
+        print(f"{row[0]:18s} {row[1]:6d} {row[2]:9.3f} {row[3]:8.4f} {row[4] or float('nan'):7.1f} {row[5]:9.1f} "
+              f"{row[6]:7.0f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "evaluate"])
+    p.add_argument("--data", default=os.path.join(ROOT, "experiments", "out", "vae_adk_d32"))
+    p.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "vae_adk_runs"))
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tag", default=None)
+    a = p.parse_args()
+    a.tag = a.tag or f"e{a.epochs}"
+    os.makedirs(a.work, exist_ok=True)
+    dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, evaluate=stage_evaluate)[a.stage](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

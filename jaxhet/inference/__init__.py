@@ -12,3 +12,11 @@ from ._classify import *  # noqa: F401,F403
 from ._classify import __all__ as _a_classify
 
 __all__ += [*_a_classify]
+from ._em import *  # noqa: F401,F403,E402
+from ._em import __all__ as _a_em  # noqa: E402
+
+__all__ += [*_a_em]
+from ._multibody import *  # noqa: F401,F403
+from ._multibody import __all__ as _a_multibody
+
+__all__ += [*_a_multibody]

@@ -56,7 +56,7 @@ __all__ = [
     "ReconstructionState", "ReconstructionResult", "ImageBatch", "FrequencySet", "frequency_set",
     "init_reconstruction", "backproject_slices", "backproject_images", "symmetrized_grids",
     "grid_to_map", "wiener_regularizer", "wiener_filter", "shell_mean", "snr_from_fsc", "finalize_reconstruction", "reconstruct",
-    "array_batches", "random_half", "batch_ctf", "batch_image_ft", "accumulate_batches",
+    "array_batches", "ArrayDataset", "random_half", "batch_ctf", "batch_image_ft", "accumulate_batches",
 ]
 
 
@@ -156,6 +156,50 @@ def array_batches(images, rotations, origin_in_pixels, ctf_params: CTFParams | N
         c = None if ctf_params is None else CTFParams(*[np.asarray(x)[s:e] for x in ctf_params])
         yield ImageBatch(np.asarray(images[s:e], np.float32), np.asarray(rotations[s:e], np.float32),
                          np.asarray(origin_in_pixels[s:e], np.float32), c, idx_all[s:e], float(pixel_size))
+
+
+class ArrayDataset:
+    """In-memory (or memory-mapped) particles with the ``batches`` interface of
+    ``jaxhet.io.ParticleDataset``.
+
+    Args:
+        images: [N, D, D] real images.
+        ctf: CTFParams with [N] fields (RELION convention), or None.
+        pixel_size_in_angstroms: of the images.
+        rotations: [N, 3, 3] RELION matrices (NaN/identity if unknown; default identity).
+        origin_in_pixels: [N, 2] RELION origins (default 0).
+    """
+
+    def __init__(self, images, ctf: CTFParams | None, pixel_size_in_angstroms: float, rotations=None,
+                 origin_in_pixels=None):
+        self.images = images
+        n = len(images)
+        self.ctf = None if ctf is None else CTFParams(*[np.asarray(x, np.float32) for x in ctf])
+        self.pixel_size_in_angstroms = float(pixel_size_in_angstroms)
+        self.rotations = (np.tile(np.eye(3, dtype=np.float32), (n, 1, 1)) if rotations is None
+                          else np.asarray(rotations, np.float32))
+        self.origin_in_pixels = (np.zeros((n, 2), np.float32) if origin_in_pixels is None
+                                 else np.asarray(origin_in_pixels, np.float32))
+        self.image_size = int(np.shape(images)[-1])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get_batch(self, rows) -> ImageBatch:
+        rows = np.asarray(rows, np.int64)
+        c = None if self.ctf is None else CTFParams(*[x[rows] for x in self.ctf])
+        return ImageBatch(np.asarray(self.images[rows], np.float32), self.rotations[rows], self.origin_in_pixels[rows],
+                          c, rows, self.pixel_size_in_angstroms)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices=None, drop_last: bool = False):
+        rows = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+        if shuffle:
+            rows = np.random.default_rng(seed).permutation(rows)
+        for a in range(0, len(rows), batch_size):
+            r = rows[a:a + batch_size]
+            if drop_last and len(r) < batch_size:
+                return
+            yield self.get_batch(np.sort(r) if not shuffle else r)
 
 
 def random_half(indices, seed: int = 0) -> np.ndarray:

@@ -92,6 +92,32 @@ def jaxhet_renderer(vol, D, a, pad_factor=2):
     return lambda R, s, du, dv, ang: render(vft, R, s, du, dv, ang)
 
 
+def load_baseline_core(path: str):
+    """Import another copy of jaxhet/core (e.g. an older commit, for before/after timings)
+    under the module name ``jaxhet_baseline_core``; it only uses relative imports."""
+    import importlib.util
+
+    init = os.path.join(path, "__init__.py")
+    spec = importlib.util.spec_from_file_location("jaxhet_baseline_core", init, submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["jaxhet_baseline_core"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def baseline_renderer(core, vol, D, a, pad_factor=2):
+    vft = core.prepare_volume(jnp.asarray(vol), pad_factor)
+    jax.block_until_ready(vft.spectrum)
+
+    @jax.jit
+    def render(spectrum, R, shifts, du, dv, ang):
+        v = core.VolumeFT(spectrum, D, pad_factor)
+        ctf = core.CTFParams.create(du, dv, ang, VOLTAGE, CS, W, 0.0, B_FACTOR)
+        return core.render_batch(core.voxel_fourier_fn(v, a), R, shifts, ctf, D, a)
+
+    return lambda R, s, du, dv, ang: render(vft.spectrum, R, s, du, dv, ang)
+
+
 # ------------------------------------------------------------------------------- cryojax
 def cryojax_renderer(vol, D, a, pad_scale=1.0):
     import equinox as eqx
@@ -230,10 +256,13 @@ def available_peers():
     return peers
 
 
-def bench_size(D, batch, repeats, a, peers, tools, check=True):
+def bench_size(D, batch, repeats, a, peers, tools, check=True, baseline=None):
     vol, atoms = make_map(D, a)
     vol = np.asarray(vol)
     renderers = {}
+    if baseline is not None:
+        renderers["jaxhet_baseline"] = baseline_renderer(baseline, vol, D, a)
+        renderers["jaxhet_baseline_pad1"] = baseline_renderer(baseline, vol, D, a, 1)
     if "jaxhet" in tools:
         renderers["jaxhet"] = jaxhet_renderer(vol, D, a)  # default: pad 2 + gridding correction
         renderers["jaxhet_pad1"] = jaxhet_renderer(vol, D, a, pad_factor=1)
@@ -257,7 +286,8 @@ def bench_size(D, batch, repeats, a, peers, tools, check=True):
     res = {}
     for name in renderers:
         med = float(np.median(times[name]))
-        res[name] = {"images_per_s": batch / med, "median_s_per_batch": med, "times_s": times[name],
+        res[name] = {"images_per_s": batch / med, "images_per_s_best": batch / float(np.min(times[name])),
+                     "median_s_per_batch": med, "times_s": times[name],
                      "first_call_s": compile_s[name]}
     if check and "jaxhet" in renderers and len(renderers) > 1:
         for name, v in agreement(renderers, vol, atoms, D, a).items():
@@ -274,26 +304,30 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--tools", default="jaxhet,cryojax,cryodrgn")
     p.add_argument("--no-check", action="store_true", help="skip the image-agreement check")
+    p.add_argument("--baseline-core", default=None,
+                   help="directory of another jaxhet/core (e.g. `git archive <commit> jaxhet/core | tar -x -C /tmp/base`, "
+                        "then /tmp/base/jaxhet/core) timed alongside, for before/after numbers")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_forward.json"))
     args = p.parse_args(argv)
     batches = args.batch or [DEFAULT_BATCH.get(D, 16) for D in args.sizes]
     tools = set(args.tools.split(","))
     peers = available_peers()
+    baseline = load_baseline_core(args.baseline_core) if args.baseline_core else None
     rows, results = [], {}
     load_before = os.getloadavg()
     for D, batch in zip(args.sizes, batches):
         a = 256.0 / D  # a 256 A box at every size
         print(f"D={D} batch={batch} ...", flush=True)
-        res = bench_size(D, batch, args.repeats, a, peers, tools, check=not args.no_check)
+        res = bench_size(D, batch, args.repeats, a, peers, tools, check=not args.no_check, baseline=baseline)
         results[str(D)] = {"batch": batch, "pixel_size": a, "tools": res}
         jh = res.get("jaxhet", {}).get("images_per_s")
         for name, r in res.items():
             rows.append((D, name, r["images_per_s"], (jh / r["images_per_s"]) if jh else float("nan"),
                          r.get("corr_with_jaxhet", float("nan")), r.get("proj_rel_err_vs_analytic", float("nan"))))
     print()
-    print(f"{'D':>4} {'tool':<13} {'images/s':>10} {'jaxhet/peer':>12} {'corr w/ jaxhet':>15} {'proj err':>9}")
+    print(f"{'D':>4} {'tool':<21} {'images/s':>10} {'jaxhet/peer':>12} {'corr w/ jaxhet':>15} {'proj err':>9}")
     for D, name, ips, ratio, c, e in rows:
-        print(f"{D:>4} {name:<13} {ips:>10.1f} {ratio:>12.2f} {c:>15.5f} {e:>9.4f}")
+        print(f"{D:>4} {name:<21} {ips:>10.1f} {ratio:>12.2f} {c:>15.5f} {e:>9.4f}")
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + (argv if argv is not None else sys.argv[1:])),
         "jaxhet": jaxhet.__version__ if hasattr(jaxhet, "__version__") else "0.1.0",

@@ -84,6 +84,21 @@ def test_gather_insert_trilinear_adjoint_random_coords(rng, size):
     assert abs(lhs - rhs) <= ADJ_RTOL * float(jnp.linalg.norm(xr) * jnp.linalg.norm(yr) * 4)
 
 
+def test_gather_trilinear_equals_eight_corner_reference(rng):
+    """The (2,2,2)-block gather equals the plain 8-corner formula (weights (1-t) / t per axis,
+    corners outside the grid dropped), for points inside, on the border and outside."""
+    from jaxhet.core._slicing import _trilinear_corners
+
+    for size in (6, 7):
+        x = _crandn(rng, (size, size, size))
+        coords = jnp.asarray(rng.uniform(-0.5 * size - 1.5, 0.5 * size + 1.5, (3000, 3)).astype(np.float32))
+        idx, w = _trilinear_corners(coords, size)
+        ref = jnp.sum(jnp.take(x.reshape(-1), idx) * w, -1)
+        got = _gather(x, coords)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=16 * EPS32 * float(jnp.abs(x).max()))
+        assert float(jnp.abs(ref).min()) == 0.0 and float(jnp.abs(ref).max()) > 0.5  # both cases present
+
+
 def test_gather_trilinear_interpolates_linear_functions_exactly(rng):
     """Trilinear interpolation reproduces affine functions inside the grid, grid values at
     grid points, and returns 0 outside the grid. Coordinates are (x, y, z) from index P//2."""

@@ -209,7 +209,7 @@ class ClassificationState(NamedTuple):
 class ClassificationStats(NamedTuple):
     """Diagnostics of one step: ``log_likelihood`` (sum over images of log p(Y_i), up to a
     constant), ``changed_fraction`` (images whose most likely class changed), ``class_sizes``
-    [K] (sum of gamma), ``resolution`` [K] (A, FSC 0.143 of each class), ``max_radius``
+    [K] (sum of gamma, before any re-seeding), ``resolution`` [K] (A, FSC 0.143 of each class), ``max_radius``
     used in this E-step (shells), ``reseeded`` (list of re-seeded classes),
     ``mean_pose_change_in_degrees`` (local searches)."""
 
@@ -495,8 +495,8 @@ def _shell_of_fsc(curve, threshold=0.143) -> int:
 def init_classification(source, config: ClassificationConfig = ClassificationConfig(), *,
                         progress: bool = False) -> ClassificationState:
     """Initial state: class maps reconstructed from K random disjoint subsets of the images
-    (given poses), equal priors, noise spectrum from the images' power spectrum (an upper
-    bound: signal included), resolution limit ``initial_resolution_in_angstroms``.
+    (given poses), equal priors, noise spectrum from the residuals of the images against the
+    mean initial map, resolution limit ``initial_resolution_in_angstroms``.
 
     Args:
         source: a ``jaxhet.io.ParticleDataset`` or :class:`ArrayParticles` (anything with
@@ -520,8 +520,13 @@ def init_classification(source, config: ClassificationConfig = ClassificationCon
     acc, _, _, _, _, _, pix = _run_pass(cfg, source, None, np.full(K, 1.0 / K), None, 0.0, rot0, org0,
                                         estep=False, progress=progress, desc="init (random subsets)")
     maps, halves, fscs, _ = _finalize_classes(cfg, acc, D, pix)
-    psd = _noise_from_acc(acc, D)
     r0 = max(2.0, D * pix / cfg.initial_resolution_in_angstroms)
+    # noise spectrum: residual power of the images against the mean of the initial maps
+    # (at the given poses); the images' own power spectrum would count the signal as noise
+    cfg1 = cfg._replace(n_classes=1, local_search_in_degrees=0.0, shift_search_in_pixels=0.0)
+    acc1 = _run_pass(cfg1, source, maps.mean(0, keepdims=True), np.ones(1), _noise_from_acc(acc, D), D / 2, rot0,
+                     org0, estep=True, progress=progress, desc="init (noise)")[0]
+    psd = _noise_from_acc(acc1, D)
     return ClassificationState(maps=maps, half_maps=halves, class_priors=np.full(K, 1.0 / K, np.float32),
                                noise_psd=psd, max_radius=float(min(r0, D / 2)), fsc=fscs, rotations=rot0,
                                origin_in_pixels=org0, class_probs=np.full((N, K), 1.0 / K, np.float32),
@@ -549,6 +554,7 @@ def classification_step(state: ClassificationState, source, config: Classificati
     # resolution limit: best class FSC(0.143) + increment, never decreasing
     r_fsc = max(_shell_of_fsc(f) for f in fscs)
     max_radius = float(min(D / 2, max(state.max_radius, r_fsc + cfg.resolution_increment_in_shells)))
+    sizes_before = sizes.copy()
     reseeded = []
     threshold = cfg.min_class_fraction * N / K
     for k in np.argsort(sizes):
@@ -560,7 +566,7 @@ def classification_step(state: ClassificationState, source, config: Classificati
         maps[k], maps[j] = halves[j][0], halves[j][1]
         halves[k] = halves[j].copy()
         fscs[k] = fscs[j]
-        pj = priors[j]
+        pj = priors[j] + priors[k]
         priors[k], priors[j] = pj / 2, pj / 2
         sizes[k], sizes[j] = sizes[j] / 2, sizes[j] / 2
         reseeded.append(int(k))
@@ -570,7 +576,7 @@ def classification_step(state: ClassificationState, source, config: Classificati
                               class_priors=priors, noise_psd=psd, max_radius=max_radius, fsc=fscs, rotations=rot,
                               origin_in_pixels=org, class_probs=probs, iteration=state.iteration + 1,
                               pixel_size=state.pixel_size)
-    stats = ClassificationStats(log_likelihood=ll, changed_fraction=changed, class_sizes=sizes.astype(np.float32),
+    stats = ClassificationStats(log_likelihood=ll, changed_fraction=changed, class_sizes=sizes_before.astype(np.float32),
                                 resolution=res, max_radius=state.max_radius, reseeded=reseeded,
                                 mean_pose_change_in_degrees=mpc)
     return new, stats

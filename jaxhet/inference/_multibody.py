@@ -6,7 +6,7 @@ Model (:class:`jaxhet.models.MultiBodyModel`): the molecule is a sum of rigid bo
 ``theta_ib = (omega_ib [deg], t_ib [A])`` about its centre of mass ``c_b``, relative to the
 consensus pose ``(A_i, s_i)``. Body b's model image (half-layout DFT, CTF c_i) is
 
-    P_ib(theta) = c_i T_{s_i} F_b'(A_i^T k; theta)   (render_fourier of the moved body)
+    P_ib(theta) = c_i T_{s_i} F_b'(A_i^T k; theta)   (the moved body through render_fourier)
 
 Iteration (as RELION's multi-body refinement):
 
@@ -21,7 +21,9 @@ Iteration (as RELION's multi-body refinement):
    first by a local search over rotations (grid of ``local_search_in_degrees``, step
    ``local_step_in_degrees``, about the current motion), then by Levenberg-Marquardt
    (Gauss-Newton) steps on all six parameters, with the Jacobian from ``jax.jacfwd``
-   through :func:`jaxhet.core.render_fourier` (the differentiable forward model). The
+   through the differentiable forward model (the composition of
+   :func:`jaxhet.core.render_fourier`: rotated frequencies, the moved body's transform
+   :func:`jaxhet.models.rigid_body_fourier`, CTF, shift phase). The
    translation along the viewing direction is invisible in one image; the Gaussian prior
    keeps it at the prior mean.
 2. Per-body reconstructions: the partially subtracted images (with the new motions) are
@@ -52,7 +54,7 @@ import numpy as np
 
 from jaxhet.core._slicing import _trilinear_corners
 from jaxhet.core import CTFParams, ctf as ctf_fn, local_rotation_grid, matrix_to_axis_angle, origin_to_shift, \
-    prepare_volume, render_fourier, rfft2_centered, shift_phase
+    prepare_volume, rfft2_centered, rotate_image_frequencies, shift_phase
 from jaxhet.models._multibody import MultiBodyModel, body_centers, body_image_poses, motion_matrices
 
 from ._classify import _padded_batches, _source_info
@@ -76,6 +78,9 @@ class MultiBodyConfig(NamedTuple):
         gauss_newton_steps: Levenberg-Marquardt iterations per image, body and sweep.
         sweeps: Gauss-Seidel passes over the bodies per iteration (each body refined
             against the image minus the other bodies at their newest motions).
+        estimator: "map": grid maximum then Gauss-Newton to the posterior mode (RELION);
+            "mean": posterior mean of the rotation over the local grid (shrinks noisy
+            low-SNR estimates), followed by the Gauss-Newton steps if any.
         initial_resolution_in_angstroms: first resolution limit.
         resolution_increment_in_shells: r_{t+1} = max(r_t, r_FSC + increment).
         update_body_maps: reconstruct the bodies every iteration (False: keep them).
@@ -89,6 +94,7 @@ class MultiBodyConfig(NamedTuple):
     local_step_in_degrees: float = 5.0
     gauss_newton_steps: int = 5
     sweeps: int = 2
+    estimator: str = "map"
     initial_resolution_in_angstroms: float = 20.0
     resolution_increment_in_shells: int = 3
     update_body_maps: bool = True
@@ -176,29 +182,33 @@ def _moved_body_fourier(spectra_flat, P: int, b, pixel_size, center, motion, k):
     return F * jnp.exp(-2j * jnp.pi * (k @ d))
 
 
-def _body_image(spectra_flat, P, b, center, motion, A, s, c, flat_index, pixel_size, D):
-    """CTF'd projection [F] of moved body b: :func:`jaxhet.core.render_fourier` of its transform."""
-    fn = partial(_moved_body_fourier, spectra_flat, P, b, pixel_size, center, motion)
-    img = render_fourier(fn, A, s, None, D, pixel_size)
-    return c * img.reshape(-1)[flat_index]
+def _body_image(spectra_flat, P, b, center, motion, A, s, c, freqs, pixel_size, D):
+    """CTF'd, shifted projection [F] of moved body b at image frequencies ``freqs`` [F, 2]
+    (cycles per box): the forward model ``c T_s F_b'(A^T k)`` of :func:`jaxhet.core.render_fourier`,
+    evaluated only at the compared frequencies."""
+    k3 = rotate_image_frequencies(freqs / (D * pixel_size), A)
+    f = _moved_body_fourier(spectra_flat, P, b, pixel_size, center, motion, k3)
+    return c * f * shift_phase(freqs, s, D)
 
 
-def refine_body_motions_batch(spectra, centers, y, c, rotations, shifts, motions, lik_weight, flat_index, dR,
+def refine_body_motions_batch(spectra, centers, y, c, rotations, shifts, motions, lik_weight, freqs, dR,
                               prior_precision, *, box_size: int, pad_factor: int, pixel_size, gauss_newton_steps: int,
-                              sweeps: int = 2):
+                              sweeps: int = 2, estimator: str = "map"):
     """Refine every body's motion in a batch against the partially subtracted images.
 
     Args:
         spectra: [B_bodies, P, P, P] prepared body maps; centers: [B_bodies, 3] (A).
-        y: [n, F] image DFTs at the frequency set; c: [n, F] CTFs.
+        y: [n, F] image DFTs at the compared frequencies ``freqs`` [F, 2] (cycles per box);
+            c: [n, F] CTFs there.
         rotations: [n, 3, 3]; shifts: [n, 2] px (consensus poses).
         motions: [n, B_bodies, 6] current motions (deg, A).
-        lik_weight: [F] likelihood weights ``w_f [|f| <= r_t] / (D^2 sigma^2)``.
-        flat_index: [F] positions of the frequencies in the half layout.
+        lik_weight: [F] likelihood weights ``w_f / (D^2 sigma^2(|f|))``.
         dR: [M, 3, 3] local rotation grid (M = 1: no grid search).
         prior_precision: [6] 1/sigma^2 of (omega, t).
         sweeps: passes over the bodies; within a pass the bodies are refined in turn
             (Gauss-Seidel: body b sees the other bodies at their newest motions).
+        estimator: "map" (grid maximum, then Gauss-Newton to the posterior mode) or "mean"
+            (posterior mean of the rotation over the grid, then Gauss-Newton steps if any).
 
     Returns:
         (new motions [n, B_bodies, 6], objective E at them [n, B_bodies]).
@@ -210,7 +220,7 @@ def refine_body_motions_batch(spectra, centers, y, c, rotations, shifts, motions
     lam = prior_precision
 
     def render(b, th, A, s, ci):
-        return _body_image(flat, P, b, centers[b], th, A, s, ci, flat_index, pixel_size, D)
+        return _body_image(flat, P, b, centers[b], th, A, s, ci, freqs, pixel_size, D)
 
     def energy(b, th, target, A, s, ci):
         r = target - render(b, th, A, s, ci)
@@ -229,7 +239,11 @@ def refine_body_motions_batch(spectra, centers, y, c, rotations, shifts, motions
                 cand_w = jnp.rad2deg(matrix_to_axis_angle(jnp.einsum("ij,mjk->mik", Rc, dR)))  # [M, 3]
                 cands = jnp.concatenate([cand_w, jnp.broadcast_to(th0[3:], (cand_w.shape[0], 3))], -1)
                 es = jax.vmap(lambda th: energy(b, th, target, A, s, ci))(cands)
-                th0 = cands[jnp.argmin(es)]
+                if estimator == "mean":  # posterior mean over the grid (prior included)
+                    p = jax.nn.softmax(-es)
+                    th0 = jnp.concatenate([jnp.sum(p[:, None] * cand_w, 0), th0[3:]])
+                else:
+                    th0 = cands[jnp.argmin(es)]
             e0 = energy(b, th0, target, A, s, ci)
 
             def lm(carry, _):  # Levenberg-Marquardt on the six parameters
@@ -263,21 +277,22 @@ class _Acc(NamedTuple):
     noise_den: jax.Array
 
 
-@partial(jax.jit, static_argnames=("box_size", "pad_factor", "ctf_sign", "use_ctf", "gauss_newton_steps", "sweeps", "refine",
+@partial(jax.jit, static_argnames=("box_size", "pad_factor", "ctf_sign", "use_ctf", "gauss_newton_steps", "sweeps",
+                                   "estimator", "refine",
                                    "accumulate"), donate_argnums=(0,))
-def _mb_batch(acc, spectra, centers, images, rotations, shifts, ctf_params, valid, half, motions, lik_weight,
-              parseval, hw, freqs, flat_index, radius, dR, prior_precision, pixel_size, *, box_size, pad_factor,
-              ctf_sign, use_ctf, gauss_newton_steps, sweeps, refine, accumulate):
+def _mb_batch(acc, spectra, centers, images, rotations, shifts, ctf_params, valid, half, motions, lik_weight_cmp,
+              sub, parseval, hw, freqs, flat_index, radius, dR, prior_precision, pixel_size, *, box_size, pad_factor,
+              ctf_sign, use_ctf, gauss_newton_steps, sweeps, estimator, refine, accumulate):
     D = box_size
     nb = spectra.shape[0]
     y = jax.vmap(lambda im: rfft2_centered(im).reshape(-1)[flat_index])(images)
     k_phys = freqs / (D * pixel_size)
     c = jax.vmap(lambda cp: ctf_fn(cp, k_phys, ctf_sign))(ctf_params) if use_ctf else jnp.ones(y.shape, jnp.float32)
-    if refine:
+    if refine:  # compare only inside the resolution limit: the subset ``sub`` of the frequencies
         motions, energies = refine_body_motions_batch(
-            spectra, centers, y, c, rotations, shifts, motions, lik_weight, flat_index, dR, prior_precision,
-            box_size=D, pad_factor=pad_factor, pixel_size=pixel_size, gauss_newton_steps=gauss_newton_steps,
-            sweeps=sweeps)
+            spectra, centers, y[:, sub], c[:, sub], rotations, shifts, motions, lik_weight_cmp, freqs[sub], dR,
+            prior_precision, box_size=D, pad_factor=pad_factor, pixel_size=pixel_size,
+            gauss_newton_steps=gauss_newton_steps, sweeps=sweeps, estimator=estimator)
     else:
         energies = jnp.zeros(motions.shape[:2])
 
@@ -285,7 +300,7 @@ def _mb_batch(acc, spectra, centers, images, rotations, shifts, ctf_params, vali
     flat = spectra.reshape(-1)
 
     def projections(A, s, ci, th_all):
-        return jax.vmap(lambda b, th: _body_image(flat, P, b, centers[b], th, A, s, ci, flat_index, pixel_size, D))(
+        return jax.vmap(lambda b, th: _body_image(flat, P, b, centers[b], th, A, s, ci, freqs, pixel_size, D))(
             jnp.arange(nb), th_all)
 
     proj = jax.vmap(projections)(rotations, shifts, c, motions)  # [n, nb, F]
@@ -339,7 +354,9 @@ def _pass(cfg: MultiBodyConfig, source, state: MultiBodyState, refine: bool, acc
         dR = np.eye(3, dtype=np.float32)[None]
     lam = np.array([1 / cfg.sigma_rotation_in_degrees ** 2] * 3 + [1 / cfg.sigma_translation_in_angstroms ** 2] * 3,
                    np.float32)
-    lik_w = jnp.asarray(_lik_weight(fs, state.noise_psd, state.max_radius, D))
+    lw_all = _lik_weight(fs, state.noise_psd, state.max_radius, D)
+    sub = np.nonzero(lw_all > 0)[0]  # the compared frequencies (0 < |k| <= r_t): few early on
+    lik_w = jnp.asarray(lw_all[sub])
     shape = (nb, 2, P, P, P) if accumulate else (nb, 2, 1, 1, 1)
     acc = _Acc(jnp.zeros(shape, jnp.complex64), jnp.zeros(shape, jnp.float32), jnp.zeros((nb, 2)),
                jnp.zeros(D // 2 + 1), jnp.zeros(D // 2 + 1))
@@ -358,10 +375,11 @@ def _pass(cfg: MultiBodyConfig, source, state: MultiBodyState, refine: bool, acc
         acc, new_mot, e = _mb_batch(
             acc, spectra, jnp.asarray(state.centers), jnp.asarray(images), jnp.asarray(R),
             jnp.asarray(origin_to_shift(org)), cp, jnp.asarray(valid), jnp.asarray(random_half(pad_idx, cfg.seed)),
-            jnp.asarray(motions[pad_idx]), lik_w, jnp.asarray(2 * fs.half_weight), jnp.asarray(fs.half_weight),
+            jnp.asarray(motions[pad_idx]), lik_w, jnp.asarray(sub), jnp.asarray(2 * fs.half_weight), jnp.asarray(fs.half_weight),
             jnp.asarray(fs.freqs), jnp.asarray(fs.flat_index), jnp.asarray(fs.radius), jnp.asarray(dR),
             jnp.asarray(lam), jnp.float32(pix), box_size=D, pad_factor=cfg.pad_factor, ctf_sign=cfg.ctf_sign,
-            use_ctf=c is not None, gauss_newton_steps=int(cfg.gauss_newton_steps), sweeps=int(cfg.sweeps), refine=refine,
+            use_ctf=c is not None, gauss_newton_steps=int(cfg.gauss_newton_steps), sweeps=int(cfg.sweeps),
+            estimator=cfg.estimator, refine=refine,
             accumulate=accumulate)
         motions[idx] = np.asarray(new_mot)[:m]
         energy += float(np.sum(np.asarray(e)))
@@ -373,7 +391,7 @@ def _pass(cfg: MultiBodyConfig, source, state: MultiBodyState, refine: bool, acc
 
 
 def init_multibody(source, masks, consensus=None, config: MultiBodyConfig = MultiBodyConfig(), *, centers=None,
-                   noise_psd=None, progress: bool = False) -> MultiBodyState:
+                   noise_psd=None, normalize_overlap: bool = True, progress: bool = False) -> MultiBodyState:
     """Initial state: consensus map (reconstructed from the given poses unless passed),
     bodies = consensus x masks, centres of mass, zero motions, and the noise spectrum of the
     residuals against the consensus.
@@ -385,11 +403,16 @@ def init_multibody(source, masks, consensus=None, config: MultiBodyConfig = Mult
         config: :class:`MultiBodyConfig`.
         centers: optional [B, 3] rotation centres (A) instead of the centres of mass.
         noise_psd: optional [D//2 + 1] noise spectrum instead of the estimate.
+        normalize_overlap: divide the masks by ``max(1, sum_b mask_b)`` so overlapping
+            soft edges do not count the consensus density twice (the bodies then sum to
+            the consensus at zero motion).
     """
     N, D, pix = _source_info(source)
     masks = np.asarray(masks, np.float32)
     if masks.ndim != 4 or masks.shape[1:] != (D, D, D):
         raise ValueError(f"masks must be [n_bodies, {D}, {D}, {D}], got {masks.shape}")
+    if normalize_overlap:  # where soft masks overlap, share the density: sum_b mask_b <= 1
+        masks = masks / np.maximum(1.0, masks.sum(0, keepdims=True))
     if consensus is None:
         consensus = reconstruct(source, batch_size=cfg_batch(config), pad_factor=config.pad_factor,
                                 seed=config.seed, ctf_sign=config.ctf_sign, progress=progress).volume
@@ -467,7 +490,7 @@ def load_multibody_state(path: str) -> tuple[MultiBodyState, MultiBodyConfig]:
 
 def multibody_refine(source, masks, consensus=None, n_iterations: int = 5, *, config: MultiBodyConfig | None = None,
                      checkpoint: str | None = None, progress: bool = False, log=None,
-                     centers=None) -> tuple[MultiBodyState, list]:
+                     centers=None, normalize_overlap: bool = True) -> tuple[MultiBodyState, list]:
     """Multi-body refinement driver: :func:`init_multibody`, then ``n_iterations`` x
     :func:`multibody_step`, with a checkpoint after each iteration (resumed when it exists
     and matches).
@@ -478,6 +501,9 @@ def multibody_refine(source, masks, consensus=None, n_iterations: int = 5, *, co
         >>> pca.latents[:, 0]          # each image's coordinate on the first motion component
     """
     cfg = config or MultiBodyConfig()
+    masks = np.asarray(masks, np.float32)
+    if normalize_overlap:
+        masks = masks / np.maximum(1.0, masks.sum(0, keepdims=True))
     state = None
     if checkpoint and os.path.exists(checkpoint):
         st, c0 = load_multibody_state(checkpoint)
@@ -486,7 +512,8 @@ def multibody_refine(source, masks, consensus=None, n_iterations: int = 5, *, co
             if log:
                 log(f"resuming from {checkpoint} at iteration {state.iteration}")
     if state is None:
-        state = init_multibody(source, masks, consensus, cfg, centers=centers, progress=progress)
+        state = init_multibody(source, masks, consensus, cfg, centers=centers, normalize_overlap=False,
+                               progress=progress)
         if checkpoint:
             save_multibody_state(checkpoint, state, cfg)
     hist = []

@@ -103,20 +103,25 @@ def test_downsample_2d_equals_analytic_gaussian_at_coarse_pixel(rng):
     m = jnp.asarray(rng.uniform(1.0, 5.0, n).astype(np.float32))
     sig = jnp.asarray(rng.uniform(3.0, 4.0, n).astype(np.float32))
     A = jnp.eye(3)
-    fine = gaussian_atoms_projection(pos, m, sig, A, 64, 1.0)
-    coarse = gaussian_atoms_projection(pos, m, sig, A, 32, 2.0)
-    down = core.downsample_2d(fine, 32)
+
+    @jax.jit  # one compilation instead of op-by-op dispatch
+    def compute(pos, m, sig):
+        fine = gaussian_atoms_projection(pos, m, sig, A, 64, 1.0)
+        coarse = gaussian_atoms_projection(pos, m, sig, A, 32, 2.0)
+        pos3 = pos * 0.5  # well inside the 32 A box
+        vfine = gaussian_atoms_volume(pos3, m, sig, 32, 1.0)
+        vcoarse = gaussian_atoms_volume(pos3, m, sig, 16, 2.0)
+        return (core.downsample_2d(fine, 32), coarse, core.downsample_2d(jnp.stack([fine, 2 * fine]), 32),
+                vfine, core.downsample_3d(vfine, 16), vcoarse)
+
+    down, coarse, down_b, vfine, vdown, vcoarse = map(np.asarray, compute(pos, m, sig))
     assert rel_err(down, coarse) < 1e-4
-    np.testing.assert_allclose(float(down.sum()), float(m.sum()), rtol=1e-5)  # mass conserved
+    np.testing.assert_allclose(down.sum(), float(m.sum()), rtol=1e-5)  # mass conserved
     # batched, 3D as well
-    down_b = core.downsample_2d(jnp.stack([fine, 2 * fine]), 32)
-    np.testing.assert_allclose(np.asarray(down_b[1]), 2 * np.asarray(down), atol=1e-6 * float(jnp.abs(down).max()))
-    pos3 = pos * 0.5  # well inside the 32 A box
-    vfine = gaussian_atoms_volume(pos3, m, sig, 32, 1.0)
-    vcoarse = gaussian_atoms_volume(pos3, m, sig, 16, 2.0)
+    np.testing.assert_allclose(down_b[1], 2 * down, atol=1e-6 * np.abs(down).max())
     # (3D: the even-size crop keeps one Nyquist plane per axis; 1e-3 level)
-    assert rel_err(core.downsample_3d(vfine, 16), vcoarse) < 3e-3
-    np.testing.assert_allclose(float(core.downsample_3d(vfine, 16).sum()), float(vfine.sum()), rtol=1e-5)
+    assert rel_err(vdown, vcoarse) < 3e-3
+    np.testing.assert_allclose(vdown.sum(), vfine.sum(), rtol=1e-5)
 
 
 def test_fourier_crop_pad_3d_inverse(rng):

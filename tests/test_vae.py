@@ -123,7 +123,7 @@ _RUN = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     from test_vae import make_two_state, SMALL
     from jaxhet.inference import VAEConfig, train_vae
-    src, labels, _ = make_two_state(n=48, snr=1.0)
+    src, labels, _ = make_two_state(n=32, snr=1.0)
     out, epochs, kill_at, resume, pose = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1"
     def on_step(epoch, step):
         if kill_at != "none" and (epoch, step) == tuple(map(int, kill_at.split(","))):
@@ -142,14 +142,14 @@ def _run(script, *args, env=None):
 def test_resume_after_kill_is_bit_identical(tmp_path):
     script = _RUN.format(here=HERE)
     a, b = tmp_path / "a", tmp_path / "b"
-    src, _, _ = make_two_state(n=48, snr=1.0)  # the uninterrupted reference, in this process
-    cfg = VAEConfig(epochs=3, pose_refine=True, pose_refine_start=2, **dict(SMALL, batch_size=16))
+    src, _, _ = make_two_state(n=32, snr=1.0)  # the uninterrupted reference, in this process
+    cfg = VAEConfig(epochs=2, pose_refine=True, pose_refine_start=2, **dict(SMALL, batch_size=16))
     np.save(tmp_path / "ref_z.npy", train_vae(src, str(a), cfg, progress=False).latents)
-    r = _run(script, b, 3, "3,1", 0, 1)  # SIGKILL in the middle of epoch 3
+    r = _run(script, b, 2, "2,0", 0, 1)  # SIGKILL in the middle of epoch 2 (after its first step)
     assert r.returncode == -9, r.stderr[-2000:]
     assert not (b / "latents.npy").exists()
-    r = _run(script, b, 3, "none", 1, 1)  # resume
-    assert r.returncode == 0, r.stderr[-2000:]
+    res_b = train_vae(src, str(b), cfg, resume=True, progress=False)  # resume (in this process)
+    np.save(b / "final_z.npy", res_b.latents)
     ca, cb = np.load(a / "checkpoint.npz"), np.load(b / "checkpoint.npz")
     leaves = [k for k in ca.files if k.startswith("leaf")]
     assert len(leaves) > 10 and leaves == [k for k in cb.files if k.startswith("leaf")]
@@ -158,7 +158,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "ref_z.npy"), np.load(b / "final_z.npy"))
     # pose corrections were refined (epoch >= 2) and are part of the identical state
     pc = np.load(a / "pose_corrections.npy")
-    assert pc.shape == (48, 5) and np.abs(pc).max() > 0
+    assert pc.shape == (32, 5) and np.abs(pc).max() > 0
 
 
 _SHARD = textwrap.dedent("""

@@ -432,10 +432,23 @@ def _init_state(cfg: VAEConfig, vae: _VAE, n_images: int, tx) -> tuple:
     return graphdef, state, rest
 
 
-def _make_step(graphdef, st: _Static, tx, cfg: VAEConfig, noise_variance: float, repl, data_sh):
-    beta = cfg.resolved_beta()
+_JIT_CACHE: dict = {}
 
-    def step(state: VAETrainState, rest, batch: _Batch, key, refine_poses):
+
+def _static_key(st: _Static):
+    return (st.box_size, st.pixel_size, st.enc_input, st.ctf_sign)
+
+
+def _make_step(graphdef, st: _Static, tx, cfg: VAEConfig, repl, data_sh):
+    """The jitted train step; cached per (architecture, grid, learning rates, mesh) so that
+    repeated runs in one process (resume, tests, sweeps) compile once."""
+    key_ = ("step", graphdef, _static_key(st), cfg.lr, cfg.ad_lr, cfg.pose_lr, repl.mesh)
+    try:
+        return _JIT_CACHE[key_]
+    except (KeyError, TypeError):
+        pass
+
+    def step(state: VAETrainState, rest, batch: _Batch, key, refine_poses, noise_variance, beta):
         def loss_fn(params, tables):
             vae = nnx.merge(graphdef, params, rest)
             t = vae_loss_terms(vae, st, batch, key, tables, noise_variance, train=True)
@@ -465,17 +478,33 @@ def _make_step(graphdef, st: _Static, tx, cfg: VAEConfig, noise_variance: float,
             table_opt[name] = dict(m=m_new, v=v_new, count=c_new)
         return VAETrainState(params, opt_state, tables, table_opt, state.epoch), aux
 
-    return jax.jit(step, out_shardings=(repl, repl), donate_argnums=(0,))
+    fn = jax.jit(step, out_shardings=(repl, repl), donate_argnums=(0,))
+    try:
+        _JIT_CACHE[key_] = fn
+    except TypeError:  # unhashable graphdef: no caching
+        pass
+    return fn
 
 
-def _make_encode(graphdef, st: _Static, noise_variance: float, repl):
-    def enc(params, rest, tables, batch: _Batch):
+def _make_encode(graphdef, st: _Static, repl):
+    key_ = ("encode", graphdef, _static_key(st), repl.mesh)
+    try:
+        return _JIT_CACHE[key_]
+    except (KeyError, TypeError):
+        pass
+
+    def enc(params, rest, tables, batch: _Batch, noise_variance):
         vae = nnx.merge(graphdef, params, rest)
         t = vae_loss_terms(vae, st, batch, jax.random.key(0), tables, noise_variance, train=False)
         lv = t["logvar"] if t["logvar"] is not None else jnp.zeros_like(t["mu"])
         return t["mu"], lv
 
-    return jax.jit(enc, out_shardings=repl)
+    fn = jax.jit(enc, out_shardings=repl)
+    try:
+        _JIT_CACHE[key_] = fn
+    except TypeError:
+        pass
+    return fn
 
 
 def _shard_batch(batch: _Batch, data_sh, repl) -> _Batch:
@@ -566,7 +595,9 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
     rest = jax.device_put(rest, repl)
     enc_input = None if cfg.encoder == "autodecoder" else ENCODER_INPUT[cfg.encoder]
     st = _static(D, a, enc_input, cfg.ctf_sign)
-    step_fn = _make_step(graphdef, st, tx, cfg, noise_variance, repl, data_sh)
+    step_fn = _make_step(graphdef, st, tx, cfg, repl, data_sh)
+    nv = jnp.asarray(noise_variance, jnp.float32)
+    beta = jnp.asarray(cfg.resolved_beta(), jnp.float32)
     base_key = jax.random.key(cfg.seed)
     history = []
     if resume and os.path.exists(os.path.join(out_dir, VAE_FILES["history"])):
@@ -589,7 +620,7 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
         pending = []
         for j, b in enumerate(source.batches(B, shuffle=False, indices=order)):
             batch = _shard_batch(_to_batch(b, n, B, iscale, has_ctf), data_sh, repl)
-            state, aux = step_fn(state, rest, batch, jax.random.fold_in(ekey, j), refine)
+            state, aux = step_fn(state, rest, batch, jax.random.fold_in(ekey, j), refine, nv, beta)
             pending.append((aux, len(b.images)))
             if len(pending) > 8 or j == n_steps - 1:  # fetch metrics lazily (keeps the device busy)
                 for a_, m_ in pending:
@@ -623,8 +654,9 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
             json.dump(history, f, indent=1)
 
     vae = nnx.merge(graphdef, state.params, rest)
-    enc_fn = _make_encode(graphdef, st, noise_variance, repl)
-    mu, lv = encode_latents(enc_fn, state, rest, source, n, B, iscale, has_ctf, data_sh, repl)
+    enc_fn = _make_encode(graphdef, st, repl)
+    mu, lv = encode_latents(partial(enc_fn, noise_variance=nv), state, rest, source, n, B, iscale, has_ctf,
+                            data_sh, repl)
     if cfg.encoder == "autodecoder":
         lv = None
     poses = np.asarray(state.tables["pose"]) if "pose" in state.tables else None

@@ -14,3 +14,7 @@ from ._latent import *  # noqa: F401,F403
 from ._latent import __all__ as _a_latent
 
 __all__ += [*_a_latent]
+from ._metrics import *  # noqa: F401,F403
+from ._metrics import __all__ as _a_metrics
+
+__all__ += [*_a_metrics]

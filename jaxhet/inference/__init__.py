@@ -20,3 +20,13 @@ from ._multibody import *  # noqa: F401,F403
 from ._multibody import __all__ as _a_multibody
 
 __all__ += [*_a_multibody]
+from ._abinitio import *  # noqa: F401,F403,E402
+from ._abinitio import __all__ as _a_abinitio  # noqa: E402
+
+__all__ += [*_a_abinitio]
+from ._linear import *  # noqa: F401,F403,E402
+from ._linear import __all__ as _a_linear  # noqa: E402
+from ._spectral import *  # noqa: F401,F403,E402
+from ._spectral import __all__ as _a_spectral  # noqa: E402
+
+__all__ += [*_a_linear, *_a_spectral]

@@ -14,3 +14,11 @@ from ._encoders import *  # noqa: F401,F403
 from ._encoders import __all__ as _a_enc
 
 __all__ = [*_a_base, *_a_voxel, *_a_mlp, *_a_enc]
+from ._multibody import *  # noqa: F401,F403
+from ._multibody import __all__ as _a_multibody
+
+__all__ += [*_a_multibody]
+from ._linear import *  # noqa: F401,F403,E402
+from ._linear import __all__ as _a_linear  # noqa: E402
+
+__all__ += [*_a_linear]

@@ -106,7 +106,8 @@ def abinitio_sgd(dataset, *, n_iterations: int = 60, minibatch_size: int = 300,
                  fine_from_resolution_in_angstroms: float = 18.0, shift_range: float = 0.0, shift_step: float = 1.0,
                  forgetting: float = 0.75, beta_start: float = 0.2, mask_radius_in_pixels: float | None = None,
                  seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
-                 slice_budget: int = 12_000_000, initial_volume=None) -> tuple[np.ndarray, list]:
+                 slice_budget: int = 12_000_000, initial_volume=None, start_iteration: int = 0
+                 ) -> tuple[np.ndarray, list]:
     """The minibatch stochastic-EM phase (see module docstring). Returns ``(map, history)``.
 
     Args:
@@ -126,6 +127,8 @@ def abinitio_sgd(dataset, *, n_iterations: int = 60, minibatch_size: int = 300,
         callback: optional ``callback(iteration, info, volume)``.
         slice_budget: max images x shifts x rotations scores per E-step call (memory).
         initial_volume: start from this map instead of the random-orientation blob.
+        start_iteration: resume the schedule (resolution, grid, beta) at this iteration
+            (with ``initial_volume`` the checkpointed map; the accumulators restart empty).
     """
     N = len(dataset)
     rng = np.random.default_rng(seed)
@@ -162,9 +165,9 @@ def abinitio_sgd(dataset, *, n_iterations: int = 60, minibatch_size: int = 300,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=n_iterations, desc="abinitio", unit="batch")
+        bar = tqdm(total=n_iterations, initial=start_iteration, desc="abinitio", unit="batch")
     res_run = None
-    for it in range(n_iterations):
+    for it in range(start_iteration, n_iterations):
         t0 = time.time()
         frac = it / max(n_iterations - 1, 1)
         rmax = r0 + (r1 - r0) * frac
@@ -294,5 +297,5 @@ def abinitio(dataset, *, sgd_kwargs: dict | None = None, assign_step_in_degrees:
         rk.setdefault("initial_resolution_in_angstroms", final_res)
         ref = refine(dataset, initial_volume=vol, rotations=R, origin_in_pixels=O, schedule=refine_schedule,
                      seed=seed, ctf_sign=ctf_sign, progress=progress,
-                     callback=None if callback is None else (lambda i, info, r, o: callback("refine", i, info)), **rk)
+                     callback=None if callback is None else (lambda i, info, *a: callback("refine", i, info)), **rk)
     return AbinitioResult(vol, R, O, ref, hist)

@@ -454,8 +454,9 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     Args:
         dataset: ``jaxhet.io.ParticleDataset`` or :class:`ArrayDataset` (``.batches``,
             ``len``), images of box D (downsample in the dataset).
-        initial_volume: starting map [D, D, D] (e.g. from ab initio); if None, the half
-            maps are reconstructed from the given (rough) poses.
+        initial_volume: starting map [D, D, D] (e.g. from ab initio) or half maps
+            [2, D, D, D] (resuming); if None, the half maps are reconstructed from the
+            given (rough) poses.
         rotations, origin_in_pixels: starting poses [N, 3, 3], [N, 2] (default: the
             dataset's own, read from batches).
         schedule: list of :class:`SearchStage`, one per iteration (default
@@ -470,8 +471,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         batch_size: images per E-step call.
         shift_prior_sigma: Gaussian prior (px) on shift changes per iteration.
         seed: gold-standard half split.
-        callback: optional ``callback(iteration, info_dict, rotations, origin_in_pixels)``
-            after each iteration (e.g. to checkpoint).
+        callback: optional ``callback(iteration, info_dict, rotations, origin_in_pixels,
+            half_maps)`` after each iteration (e.g. to checkpoint).
         global_slice_budget: max B*S*M scores per global-search batch (memory).
 
     Returns:
@@ -528,7 +529,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         rec = finalize_reconstruction(st, pix)
         maps = [rec.half_maps[0], rec.half_maps[1]]
     else:
-        maps = [np.asarray(initial_volume, np.float32)] * 2
+        iv = np.asarray(initial_volume, np.float32)
+        maps = [iv[0], iv[1]] if iv.ndim == 4 else [iv, iv]
     res_limit = initial_resolution_in_angstroms
     rmax = min(rmax_cap, resolution_to_radius(res_limit, D, pix))
     # initial noise: residuals at the starting poses against the low-passed start
@@ -613,7 +615,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
                     seconds=time.time() - t0)
         history.append(info)
         if callback is not None:
-            callback(it + 1, info, rot, -shifts)
+            callback(it + 1, info, rot, -shifts, np.stack(maps))
     return RefinementResult(rot, -shifts, maxp, spread, half, rec, noise, history)
 
 

@@ -203,10 +203,15 @@ def agreement(renderers, vol, atoms, D, a):
     R, shifts, du, dv, ang = make_poses(4, seed=7)
     out = {}
     ref = np.asarray(renderers["jaxhet"](R, shifts, du, dv, ang))
+    ref1 = np.asarray(renderers["jaxhet_pad1"](R, shifts, du, dv, ang)) if "jaxhet_pad1" in renderers else None
     for name, fn in renderers.items():
         imgs = np.asarray(fn(R, shifts, du, dv, ang))
         sign = -1.0 if name.startswith(("cryojax", "cryodrgn")) else 1.0  # CTF sign convention
         out[name] = {"corr_with_jaxhet": float(np.mean([corr(sign * imgs[i], ref[i]) for i in range(len(R))]))}
+        if ref1 is not None and name == "cryojax_pad1":  # the same algorithm on both sides
+            out[name]["corr_with_jaxhet_pad1"] = float(np.mean([corr(sign * imgs[i], ref1[i]) for i in range(len(R))]))
+            out[name]["max_abs_diff_vs_jaxhet_pad1_rel"] = float(
+                np.abs(sign * imgs / a - ref1).max() / np.abs(ref1).max())
     # accuracy of the projection itself (jaxhet and cryojax: no CTF, vs analytic)
     pos, m, sig = atoms
     proj = jax.jit(jax.vmap(lambda A, s: gaussian_atoms_projection(pos, m, sig, A, D, a, s)))(R, shifts)

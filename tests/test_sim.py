@@ -46,6 +46,11 @@ def test_written_files_agree_with_ground_truth(small_sim):
     np.testing.assert_allclose(table.rotation_matrices(), table_pkl.rotation_matrices(), atol=1e-5)
     np.testing.assert_allclose(table.origin_in_pixels, table_pkl.origin_in_pixels, atol=1e-4)
     stack = open_stack(ds.stack)
+    # the STAR names the stack relative to its own folder, so the images are found from anywhere
+    assert "@particles.mrcs" in open(ds.star).read()
+    from jaxhet.io import ParticleDataset
+    (b,) = list(ParticleDataset(table).batches(64))
+    np.testing.assert_array_equal(b.images, stack[np.arange(64)])
     assert stack.shape == (64, 48, 48) and abs(stack.voxel_size - 3.0) < 1e-5
     st = load_structure("adk-transition")
     sig = params.sigma()

@@ -82,7 +82,7 @@ def simulate_dataset(out_dir: str, structure: str | Structure = "adk-transition"
     write_stack(j("particles.mrcs"), images, params.pixel_size, overwrite=overwrite)
     c = meta.ctf
     table = ParticleTable.create(
-        "particles.mrcs", np.arange(params.n_images), euler_in_degrees=meta.euler_in_degrees,
+        os.path.abspath(j("particles.mrcs")), np.arange(params.n_images), euler_in_degrees=meta.euler_in_degrees,
         origin_in_pixels=meta.origin_in_pixels, defocus_u_in_angstroms=c.defocus_u_in_angstroms,
         defocus_v_in_angstroms=c.defocus_v_in_angstroms, defocus_angle_in_degrees=c.defocus_angle_in_degrees,
         phase_shift_in_degrees=c.phase_shift_in_degrees, b_factor_in_angstroms2=c.b_factor_in_angstroms2,

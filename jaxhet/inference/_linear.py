@@ -910,22 +910,16 @@ def _update_tau2(volumes, data_diag, tau2, floor_fraction: float = 1e-3):
 def init_ppca(data: PreparedImages, mean_volume, components, noise_psd, *, tau2=None) -> PPCAState:
     """Initial PPCA state from a mean map and K initial components [K, D, D, D].
 
-    ``tau2`` defaults to the shell power of each volume, components floored at their
-    share (variance fraction at low resolution) of the mean's power (so that components
-    known only at low resolution, e.g. from :func:`estimate_covariance`, can grow high
-    frequencies).
+    ``tau2`` [K+1, D//2+1] defaults to the shell power of the mean for every volume: a
+    weak prior that lets components known only at low resolution (e.g. from
+    :func:`estimate_covariance`) or random starts grow; :func:`ppca_step` then updates it
+    by evidence maximisation.
     """
     D = data.box_size
     vols = np.concatenate([np.asarray(mean_volume, np.float32)[None], np.asarray(components, np.float32)], 0)
-    if tau2 is None:
+    if tau2 is None:  # a weak prior: every map's DFT variance per shell = the mean's power
         p0 = shell_power(vols[0])
-        tau2 = [p0]
-        lo = slice(1, max(2, D // 8))
-        for k in range(1, len(vols)):
-            pk = shell_power(vols[k])
-            frac = pk[lo].sum() / max(p0[lo].sum(), 1e-30)
-            tau2.append(np.maximum(pk, frac * p0))
-        tau2 = np.stack(tau2)
+        tau2 = np.stack([p0] * len(vols))
     K = len(vols) - 1
     N = data.n_images
     psd = np.broadcast_to(np.asarray(noise_psd, np.float32), (D // 2 + 1,)).copy() if np.ndim(noise_psd) == 0 \

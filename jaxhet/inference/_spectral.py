@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["DiffusionMap", "diffusion_map", "manifold_coordinate", "SpectralVolumes", "spectral_volumes",
-           "kernel_weights", "interpolate_node_maps"]
+           "kernel_weights", "interpolate_node_maps", "node_log_likelihoods", "node_reconstructions"]
 
 
 class DiffusionMap(NamedTuple):
@@ -55,7 +55,8 @@ def diffusion_map(x, n_components: int = 2, *, n_neighbors: int = 32, eps: float
     Args:
         x: [N, d] points (e.g. posterior means of linear-model coefficients).
         n_components: number of non-trivial coordinates returned.
-        n_neighbors: k of the sparse k-NN kernel.
+        n_neighbors: k of the sparse k-NN kernel (doubled until the graph is connected and
+            the second eigenvalue is below 1 - 1e-5, i.e. not nearly disconnected).
         eps: kernel width (squared distance); default the median squared distance to the
             k-th neighbour.
         alpha: density normalisation (1: Laplace-Beltrami; 0: graph Laplacian).
@@ -70,32 +71,45 @@ def diffusion_map(x, n_components: int = 2, *, n_neighbors: int = 32, eps: float
     from scipy.sparse.linalg import eigsh
     from sklearn.neighbors import NearestNeighbors
 
+    from scipy.sparse.csgraph import connected_components
+
     X = np.asarray(x, np.float64)
     if X.ndim == 1:
         X = X[:, None]
     N = len(X)
     k = int(min(max(n_neighbors, 2), N - 1))
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(X)
-    dist, ind = nn.kneighbors(X)
-    d2 = dist[:, 1:] ** 2
-    if eps is None:
-        eps = float(np.median(d2[:, -1]))
-        eps = eps if eps > 0 else 1.0
-    rows = np.repeat(np.arange(N), k)
-    W = sp.csr_matrix((np.exp(-d2.ravel() / eps), (rows, ind[:, 1:].ravel())), shape=(N, N))
-    W = W.maximum(W.T)
-    W = W + sp.identity(N, format="csr")
-    q = np.asarray(W.sum(1)).ravel()
-    if alpha:
-        qa = sp.diags(q ** -alpha)
-        W = qa @ W @ qa
-    d = np.asarray(W.sum(1)).ravel()
-    dm = sp.diags(d ** -0.5)
-    S = dm @ W @ dm
     rng = np.random.default_rng(seed)
-    vals, vecs = eigsh(S, k=n_components + 1, which="LA", v0=rng.normal(size=N))
-    order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
+    while True:
+        nn = NearestNeighbors(n_neighbors=k + 1).fit(X)
+        dist, ind = nn.kneighbors(X)
+        d2 = dist[:, 1:] ** 2
+        e = eps
+        if e is None:
+            e = float(np.median(d2[:, -1]))
+            e = e if e > 0 else 1.0
+        rows = np.repeat(np.arange(N), k)
+        W = sp.csr_matrix((np.exp(-d2.ravel() / e), (rows, ind[:, 1:].ravel())), shape=(N, N))
+        W = W.maximum(W.T)
+        connected = connected_components(W, directed=False)[0] == 1
+        if connected or k >= N - 1:
+            W = W + sp.identity(N, format="csr")
+            q = np.asarray(W.sum(1)).ravel()
+            if alpha:
+                qa = sp.diags(q ** -alpha)
+                W = qa @ W @ qa
+            d = np.asarray(W.sum(1)).ravel()
+            dm = sp.diags(d ** -0.5)
+            S = dm @ W @ dm
+            # shift-invert about 1, the top of the Markov spectrum
+            vals, vecs = eigsh(S.tocsc(), k=n_components + 1, sigma=1.0 + 1e-3, which="LM", v0=rng.normal(size=N))
+            order = np.argsort(vals)[::-1]
+            vals, vecs = vals[order], vecs[:, order]
+            # a (nearly) disconnected graph has a second eigenvalue ~1 and psi_1 indicates a
+            # component, not a coordinate: grow the neighbourhoods
+            if vals[1] < 1.0 - 1e-5 or k >= N - 1:
+                break
+        k = min(2 * k, N - 1)
+    eps = e
     psi = vecs / np.sqrt(d)[:, None]
     psi = psi[:, 1:n_components + 1] / np.maximum(np.abs(psi[:, :1]).mean(), 1e-30)
     lam = vals[1:n_components + 1]
@@ -163,51 +177,25 @@ class SpectralVolumes(NamedTuple):
         return interpolate_node_maps(self.node_maps, self.nodes, u)
 
 
-def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandwidth: float = 0.04,
-                     n_neighbors: int = 32, mask=None, batch_size: int = 256, pad_factor: int = 2,
-                     ctf_sign: str = "relion", coordinate=None, min_weight: float = 1e-3,
-                     progress: bool = False) -> SpectralVolumes:
-    """Diffusion-map embedding of per-image latents and kernel reconstructions along it.
+def node_reconstructions(batches_fn, weights, *, mask=None, batch_size: int = 256, pad_factor: int = 2,
+                         ctf_sign: str = "relion", min_weight: float = 1e-3, progress: bool = False):
+    """Kernel-weighted known-pose reconstructions, one per column of ``weights`` [N, J].
 
-    Args:
-        dataset_or_batches_fn: a ``jaxhet.io.ParticleDataset`` or a zero-argument
-            callable returning an iterable of batches (``jaxhet.inference.ImageBatch``
-            fields, e.g. ``lambda: array_batches(...)``); batch ``indices`` index latents.
-        latents: [N, K] per-image coordinates (e.g. PPCA posterior means).
-        n_nodes: J nodes, evenly spaced on [0, 1] in the rank coordinate u.
-        bandwidth: kernel width h in u units (fraction of the images).
-        n_neighbors: k of the diffusion-map kernel.
-        mask: optional [D, D, D] mask multiplied into the node maps.
-        coordinate: optional [N] coordinate to use instead of the first diffusion
-            coordinate (e.g. one latent component).
-        min_weight: images with a kernel weight below this are skipped for a node.
-        progress: print one line per node.
+    Each is the CTF-weighted direct Fourier inversion with gold-standard halves and the
+    FSC-based Wiener filter of :mod:`jaxhet.inference._reconstruct` (weighted
+    backprojection, images with weight < ``min_weight`` skipped).
 
     Returns:
-        :class:`SpectralVolumes`.
+        ``(maps [J, D, D, D], resolution_0143 [J])``.
     """
     import jax.numpy as jnp
 
     from jaxhet.core import CTFParams, origin_to_shift
     from ._reconstruct import backproject_images, finalize_reconstruction, init_reconstruction, random_half
 
-    t0 = time.time()
-    Z = np.asarray(latents, np.float32)
-    if Z.ndim == 1:
-        Z = Z[:, None]
-    dm = diffusion_map(Z, n_components=min(2, max(1, len(Z) - 2)), n_neighbors=n_neighbors)
-    coord = dm.coords[:, 0] if coordinate is None else np.asarray(coordinate)
-    u = manifold_coordinate(coord)
-    nodes = np.linspace(0.0, 1.0, int(n_nodes)).astype(np.float32)
-    weights = kernel_weights(u, nodes, bandwidth)  # [N, J]
-    if hasattr(dataset_or_batches_fn, "batches"):
-        ds = dataset_or_batches_fn
-        batches_fn = lambda: ds.batches(batch_size, shuffle=False)  # noqa: E731
-    else:
-        batches_fn = dataset_or_batches_fn
-    # read the data once if it is small enough, else stream for every node
-    maps, n_eff, res = [], [], []
-    for j in range(len(nodes)):
+    weights = np.asarray(weights, np.float32)
+    maps, res = [], []
+    for j in range(weights.shape[1]):
         wj = weights[:, j]
         state = None
         pix = None
@@ -215,8 +203,6 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandw
             idx = np.asarray(b.indices)
             w = wj[idx]
             keep = np.nonzero(w >= min_weight)[0]
-            if len(keep) == 0:
-                continue
             for s in range(0, len(keep), batch_size):
                 sel = keep[s:s + batch_size]
                 m = len(sel)
@@ -231,13 +217,118 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandw
                                            origin_to_shift(jnp.asarray(np.asarray(b.origin_in_pixels, np.float32)[pad])),
                                            c, random_half(idx[pad]), float(b.pixel_size_in_angstroms), iw, ctf_sign)
                 pix = float(b.pixel_size_in_angstroms)
+        if state is None:
+            raise ValueError(f"node {j}: no image has a kernel weight >= {min_weight}")
         fin = finalize_reconstruction(state, pix, mask=mask)
-        v = fin.volume if mask is None else fin.volume * np.asarray(mask, np.float32)
-        maps.append(v)
-        n_eff.append(float(wj.sum()))
+        maps.append(fin.volume if mask is None else fin.volume * np.asarray(mask, np.float32))
         res.append(fin.resolution_0143)
         if progress:
-            print(f"  node {j + 1}/{len(nodes)}: u={nodes[j]:.3f}, {wj.sum():.0f} effective images, "
-                  f"{fin.resolution_0143:.1f} A", flush=True)
-    return SpectralVolumes(np.stack(maps).astype(np.float32), nodes, u, dm, float(bandwidth), np.asarray(n_eff),
-                           np.asarray(res), time.time() - t0)
+            print(f"  node {j + 1}/{weights.shape[1]}: {wj.sum():.0f} effective images, {fin.resolution_0143:.1f} A",
+                  flush=True)
+    return np.stack(maps).astype(np.float32), np.asarray(res, np.float32)
+
+
+def node_log_likelihoods(prepared, node_maps, noise_psd, *, chunk: int = 4, pad_factor: int = 2) -> np.ndarray:
+    """Gaussian log-likelihood of every image under every node map, [N, J] (dataset order).
+
+    ``log p(y_i | V_j) = -1/2 sum_k h(k) |y_i(k) - c_i(k) [F V_j](p A_i^T k)|^2`` + const,
+    with the forward operator and noise weights of :mod:`jaxhet.inference._linear`.
+
+    Args:
+        prepared: :class:`jaxhet.inference.PreparedImages`.
+        node_maps: [J, D, D, D].
+        noise_psd: scalar or [D//2+1] per-pixel noise variance.
+        chunk: maps per jitted gather.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhet.core._slicing import _trilinear_corners
+    from ._linear import _coords, _gather, _grids, _noise_weights, linear_operators
+
+    ops = linear_operators(prepared.box_size, prepared.fs, None, pad_factor)
+    h = _noise_weights(ops, noise_psd)
+    maps = np.asarray(node_maps, np.float32)
+    J = len(maps)
+    out = np.zeros((prepared.n_images, J), np.float64)
+
+    @jax.jit
+    def ll_batch(grids, batch):
+        idx, w = _trilinear_corners(_coords(ops, batch.rotations), ops.padded_size)
+        s = _gather(grids, idx, w)  # [B, K, V]
+        r = batch.y[..., None] - batch.ctf[..., None] * s
+        return -0.5 * jnp.sum(h[None, :, None] * jnp.abs(r) ** 2, 1)
+
+    for j0 in range(0, J, chunk):
+        vols = maps[j0:j0 + chunk]
+        grids = _grids(ops, jnp.asarray(vols))
+        for batch in prepared.batches():
+            ll = np.asarray(ll_batch(grids, batch))
+            idx = np.asarray(batch.indices)
+            keep = idx >= 0
+            out[idx[keep], j0:j0 + len(vols)] = ll[keep]
+    return out
+
+
+def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandwidth: float = 0.04,
+                     n_neighbors: int = 32, mask=None, batch_size: int = 256, pad_factor: int = 2,
+                     ctf_sign: str = "relion", coordinate=None, min_weight: float = 1e-3, refine_iter: int = 0,
+                     prepared=None, noise_psd=None, progress: bool = False) -> SpectralVolumes:
+    """Diffusion-map embedding of per-image latents and kernel reconstructions along it.
+
+    Args:
+        dataset_or_batches_fn: a ``jaxhet.io.ParticleDataset`` or a zero-argument
+            callable returning an iterable of batches (``jaxhet.inference.ImageBatch``
+            fields, e.g. ``lambda: array_batches(...)``); batch ``indices`` index latents.
+        latents: [N, K] per-image coordinates (e.g. PPCA posterior means).
+        n_nodes: J nodes, evenly spaced on [0, 1] in the rank coordinate u.
+        bandwidth: kernel width h in u units (fraction of the images).
+        n_neighbors: k of the diffusion-map kernel.
+        mask: optional [D, D, D] mask multiplied into the node maps.
+        coordinate: optional [N] coordinate to use instead of the first diffusion
+            coordinate (e.g. one latent component).
+        min_weight: images with a kernel weight below this are skipped for a node.
+        refine_iter: rounds of refinement of the coordinate: the posterior mean node
+            position of every image under the node maps (uniform prior over nodes,
+            :func:`node_log_likelihoods`), re-ranked, then new node maps.
+        prepared: :class:`jaxhet.inference.PreparedImages` for the refinement (default
+            built from the dataset); noise_psd: its noise (default from the residuals
+            against the nearest node map).
+        progress: print one line per node.
+
+    Returns:
+        :class:`SpectralVolumes`.
+    """
+    t0 = time.time()
+    Z = np.asarray(latents, np.float32)
+    if Z.ndim == 1:
+        Z = Z[:, None]
+    dm = diffusion_map(Z, n_components=min(2, max(1, len(Z) - 2)), n_neighbors=n_neighbors)
+    coord = dm.coords[:, 0] if coordinate is None else np.asarray(coordinate)
+    u = manifold_coordinate(coord)
+    nodes = np.linspace(0.0, 1.0, int(n_nodes)).astype(np.float32)
+    if hasattr(dataset_or_batches_fn, "batches"):
+        ds = dataset_or_batches_fn
+        batches_fn = lambda: ds.batches(batch_size, shuffle=False)  # noqa: E731
+    else:
+        batches_fn = dataset_or_batches_fn
+    kw = dict(mask=mask, batch_size=batch_size, pad_factor=pad_factor, ctf_sign=ctf_sign, min_weight=min_weight,
+              progress=progress)
+    weights = kernel_weights(u, nodes, bandwidth)
+    maps, res = node_reconstructions(batches_fn, weights, **kw)
+    for it in range(int(refine_iter)):
+        from ._linear import noise_psd_from_residuals, prepare_images
+        if prepared is None:
+            prepared = prepare_images(dataset_or_batches_fn if hasattr(dataset_or_batches_fn, "batches")
+                                      else batches_fn, batch_size=batch_size, ctf_sign=ctf_sign)
+        if noise_psd is None:
+            noise_psd = noise_psd_from_residuals(prepared, maps[len(maps) // 2])
+        ll = node_log_likelihoods(prepared, maps, noise_psd, pad_factor=pad_factor)
+        p = np.exp(ll - ll.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        u = manifold_coordinate(p @ nodes)
+        weights = kernel_weights(u, nodes, bandwidth)
+        maps, res = node_reconstructions(batches_fn, weights, **kw)
+        if progress:
+            print(f"  refinement {it + 1}/{refine_iter} done", flush=True)
+    return SpectralVolumes(maps, nodes, u, dm, float(bandwidth), weights.sum(0), res, time.time() - t0)

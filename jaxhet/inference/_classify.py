@@ -119,7 +119,9 @@ def _padded_batches(source, batch_size: int) -> Iterator[tuple]:
                     return x
                 return np.concatenate([x, np.repeat(x[:1], batch_size - m, axis=0)], 0)
 
-            c = None if b.ctf is None else CTFParams(*[pad(np.asarray(x, np.float32)) for x in b.ctf])
+            c = None
+            if b.ctf is not None and np.isfinite(np.asarray(b.ctf.defocus_u_in_angstroms, np.float64)[s:e]).all():
+                c = CTFParams(*[pad(np.asarray(x, np.float32)) for x in b.ctf])  # NaN defocus: no CTF known
             yield (pad(np.asarray(b.images, np.float32)), pad(np.asarray(b.rotations, np.float32)),
                    pad(np.asarray(b.origin_in_pixels, np.float32)), c, np.asarray(b.indices)[s:e], m,
                    float(b.pixel_size_in_angstroms))

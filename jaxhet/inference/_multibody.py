@@ -83,6 +83,9 @@ class MultiBodyConfig(NamedTuple):
             low-SNR estimates), followed by the Gauss-Newton steps if any.
         initial_resolution_in_angstroms: first resolution limit.
         resolution_increment_in_shells: r_{t+1} = max(r_t, r_FSC + increment).
+        max_resolution_in_angstroms: never compare beyond this resolution (None: Nyquist);
+            useful when the bodies are not really rigid, so that their high-resolution
+            detail, though well measured, does not match any one image.
         update_body_maps: reconstruct the bodies every iteration (False: keep them).
         pad_factor, batch_size, ctf_sign, seed (half sets), tau2_fudge: as for
             reconstruction.
@@ -97,6 +100,7 @@ class MultiBodyConfig(NamedTuple):
     estimator: str = "map"
     initial_resolution_in_angstroms: float = 20.0
     resolution_increment_in_shells: int = 3
+    max_resolution_in_angstroms: float | None = None
     update_body_maps: bool = True
     pad_factor: int = 2
     batch_size: int = 128
@@ -422,7 +426,8 @@ def init_multibody(source, masks, consensus=None, config: MultiBodyConfig = Mult
     nb = len(masks)
     state = MultiBodyState(body_maps=bodies, masks=masks, centers=cen, consensus=consensus,
                            motions=np.zeros((N, nb, 6), np.float32), noise_psd=np.ones(D // 2 + 1, np.float32),
-                           max_radius=float(min(D / 2, max(2.0, D * pix / config.initial_resolution_in_angstroms))),
+                           max_radius=float(min(D / 2, max(2.0, D * pix / config.initial_resolution_in_angstroms),
+                                                D * pix / (config.max_resolution_in_angstroms or 2 * pix))),
                            fsc=np.zeros((nb, D // 2), np.float32), iteration=0, pixel_size=float(pix))
     if noise_psd is None:
         acc, _, _ = _pass(config, source, state, refine=False, accumulate=False, progress=progress, desc="noise")
@@ -463,6 +468,8 @@ def multibody_step(state: MultiBodyState, source, config: MultiBodyConfig = Mult
         max_radius = float(min(D / 2, max(state.max_radius, r_fsc + cfg.resolution_increment_in_shells)))
     else:
         max_radius = state.max_radius
+    if cfg.max_resolution_in_angstroms:
+        max_radius = float(min(max_radius, D * state.pixel_size / cfg.max_resolution_in_angstroms))
     psd = _noise(acc, D)
     ang = np.degrees(np.linalg.norm(np.radians(motions[..., :3]), axis=-1))
     rms = np.stack([np.sqrt(np.mean(ang ** 2, 0)), np.sqrt(np.mean(np.sum(motions[..., 3:] ** 2, -1), 0))], -1)

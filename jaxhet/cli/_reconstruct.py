@@ -92,6 +92,8 @@ def register(sub) -> None:
     p.add_argument("--wiener", choices=["shell", "voxel", "none"], default="shell",
                    help="Wiener filter: per-shell gain SNR/(1+SNR), RELION's per-voxel 1/tau^2, or none")
     p.add_argument("--tau2-fudge", type=float, default=1.0, help="multiplies the FSC-derived SNR")
+    p.add_argument("--snr-from", choices=["masked", "unmasked"], default="masked",
+                   help="half-map FSC for the Wiener filter: inside the solvent mask or over the whole box")
     p.add_argument("--no-gridding-correction", action="store_true", help="skip the sinc^2 correction")
     p.add_argument("--mask", default=None, help="mask .mrc for the masked FSC (default: automatic solvent mask)")
     p.set_defaults(func=run)
@@ -116,7 +118,7 @@ def run(args) -> int:
             raise JaxhetInputError(f"{args.mask}: mask shape {mask.shape} does not match box {ds.image_size}")
     t0 = time.time()
     res = reconstruct(ds, batch_size=args.batch_size, pad_factor=args.pad, seed=args.seed,
-                      tau2_fudge=args.tau2_fudge, wiener=args.wiener,
+                      tau2_fudge=args.tau2_fudge, wiener=args.wiener, snr_from=args.snr_from,
                       gridding_correction=not args.no_gridding_correction, mask=mask, progress=True)
     dt = time.time() - t0
     write_reconstruction(res, paths, args.force, title=os.path.basename(args.output))

@@ -428,7 +428,7 @@ class ReconstructionResult(NamedTuple):
     volume [D, D, D] (Wiener-filtered full map), half_maps [2, D, D, D] (Wiener-filtered
     with the half-map SNR), fsc_unmasked and fsc_masked [D//2] (half maps), mask
     [D, D, D] (soft solvent mask used for fsc_masked), snr [D//2] (half-map SNR from the
-    unmasked FSC), resolution_0143 / resolution_05 (A, masked FSC), pixel_size (A),
+    FSC used for the filter), resolution_0143 / resolution_05 (A, masked FSC), pixel_size (A),
     n_images [2].
     """
 
@@ -445,14 +445,16 @@ class ReconstructionResult(NamedTuple):
 
 
 def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, snr=None, tau2_fudge: float = 1.0,
-                            wiener: str = "shell", gridding_correction: bool = True, mask=None,
+                            wiener: str = "shell", snr_from: str = "masked", gridding_correction: bool = True, mask=None,
                             weight_floor: float = 0.01, max_resolution_in_angstroms: float | None = None
                             ) -> ReconstructionResult:
     """Half maps, FSC, Wiener filter, full map, mask, masked FSC and resolutions.
 
     Steps: (1) unregularised half maps ``N_h / max(W_h, floor)`` (floor = ``weight_floor``
-    x the shell mean of W, which only matters in sampling holes and at CTF zeros); (2)
-    their FSC gives SNR_half = FSC / (1 - FSC) (unless ``snr`` is given); (3) Wiener filter:
+    x the shell mean of W, which only matters in sampling holes and at CTF zeros) and full
+    map, and the solvent mask of the full map; (2) the half maps' FSC, inside the mask by
+    default (RELION's --solvent_correct_fsc: the SNR of the particle, not of the box),
+    gives SNR_half = FSC / (1 - FSC) (unless ``snr`` is given); (3) Wiener filter:
 
     - ``wiener="shell"`` (default): the unregularised maps are multiplied per D-grid shell
       by ``SNR / (1 + SNR)`` (SNR_half for the half maps, 2 SNR_half for the full map),
@@ -470,15 +472,18 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
         snr: optional fixed half-map SNR per shell [D//2] (skips the estimate).
         tau2_fudge: multiplies the SNR (RELION's --tau2_fudge; > 1 filters less).
         wiener: "shell", "voxel" or "none".
+        snr_from: "masked" (FSC inside the solvent mask) or "unmasked" (whole box).
         gridding_correction: divide by the trilinear sinc^2 apodisation in real space.
         mask: a [D, D, D] mask for the masked FSC, or None for an automatic solvent mask
-            (:func:`jaxhet.analysis.solvent_mask` of the full map).
+            (:func:`jaxhet.analysis.solvent_mask` of the unfiltered full map).
         weight_floor: see step (1).
         max_resolution_in_angstroms: zero the spectrum beyond this resolution (e.g. a
             refinement's current limit); None = Nyquist.
     """
     from jaxhet.analysis._masks import solvent_mask
 
+    if snr_from not in ("masked", "unmasked"):
+        raise ValueError(f"snr_from must be 'masked' or 'unmasked', got {snr_from!r}")
     if wiener not in ("shell", "voxel", "none"):
         raise ValueError(f"wiener must be 'shell', 'voxel' or 'none', got {wiener!r}")
     D, pf = state.box_size, state.pad_factor
@@ -496,23 +501,24 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
 
     den = [jnp.maximum(w[h], floor_of(w[h])) for h in (0, 1)]
     raw = [grid_to_map(num[h] / den[h], D, gridding_correction) for h in (0, 1)]
+    wf = w[0] + w[1]
+    raw_full = grid_to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf)), D, gridding_correction)
+    if mask is None:
+        mask = solvent_mask(raw_full, pixel_size)
+    mask = np.asarray(mask, np.float32)
     if snr is None:
-        snr = snr_from_fsc(fsc(raw[0], raw[1]))
+        snr = snr_from_fsc(fsc(raw[0], raw[1], mask if snr_from == "masked" else None))
     snr = np.asarray(snr, np.float64) * tau2_fudge
     if wiener == "voxel":
         reg = jnp.asarray(wiener_regularizer(0.5 * (w[0] + w[1]), snr, pf))
         halves = np.stack([grid_to_map(num[h] / (w[h] + reg), D, gridding_correction) for h in (0, 1)])
         full = grid_to_map((num[0] + num[1]) / (w[0] + w[1] + reg), D, gridding_correction)
     else:
-        wf = w[0] + w[1]
-        full = grid_to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf)), D, gridding_correction)
+        full = raw_full
         halves = np.stack(raw)
         if wiener == "shell":
             halves = np.stack([wiener_filter(m, snr) for m in halves])
             full = wiener_filter(full, 2.0 * snr)
-    if mask is None:
-        mask = solvent_mask(full, pixel_size)
-    mask = np.asarray(mask, np.float32)
     f_un = fsc(halves[0], halves[1])
     f_m = fsc(halves[0], halves[1], mask)
     return ReconstructionResult(full, halves, f_un, f_m, mask, (snr / tau2_fudge).astype(np.float32),
@@ -572,7 +578,8 @@ def accumulate_batches(state: ReconstructionState, batches: Iterable, *, batch_s
 
 def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 2, box_size: int | None = None,
                 seed: int = 0, ctf_sign: str = "relion", tau2_fudge: float = 1.0, wiener: str = "shell",
-                gridding_correction: bool = True, mask=None, progress: bool = False) -> ReconstructionResult:
+                snr_from: str = "masked", gridding_correction: bool = True, mask=None,
+                progress: bool = False) -> ReconstructionResult:
     """Known-pose gold-standard reconstruction, streaming over batches.
 
     Args:
@@ -584,7 +591,8 @@ def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 
         box_size: map box (default: the images' box).
         seed: half-set split seed (see :func:`random_half`).
         ctf_sign: "relion" (default) or "cryodrgn".
-        tau2_fudge, wiener, gridding_correction, mask: see :func:`finalize_reconstruction`.
+        tau2_fudge, wiener, snr_from, gridding_correction, mask: see
+            :func:`finalize_reconstruction`.
         progress: tqdm progress bar.
 
     Returns:
@@ -615,5 +623,5 @@ def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 
                                         progress=progress, total=total)
     state.numerator.block_until_ready()
     map_pixel = pix_img * np.asarray(first.images).shape[-1] / D
-    return finalize_reconstruction(state, map_pixel, tau2_fudge=tau2_fudge, wiener=wiener,
+    return finalize_reconstruction(state, map_pixel, tau2_fudge=tau2_fudge, wiener=wiener, snr_from=snr_from,
                                    gridding_correction=gridding_correction, mask=mask)

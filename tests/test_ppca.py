@@ -11,7 +11,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from jaxhet.core import CTFParams, origin_to_shift, prepare_volume, project_volume, rfft2_centered
-from jaxhet.inference import (array_batches, fit_ppca, posterior_coefficients, prepare_images,
+from jaxhet.inference import (array_batches, estimate_covariance, fit_ppca, posterior_coefficients, prepare_images,
                               rotate_to_principal_axes)
 
 from test_linear_helpers import atom_family, simulate
@@ -64,12 +64,20 @@ def test_ppca_coefficients_order_a_linear_family():
     imgs, R, orig, ctf, sigma = simulate(vols, labels, a, seed=9, snr=1.0)
     data = prepare_images(lambda: array_batches(imgs, R, orig, ctf, a, 600), batch_size=200)
     mask = np.ones((D,) * 3, np.float32)
-    rng = np.random.default_rng(0)
-    init = (rng.normal(size=(1, D, D, D)) * 0.2 * np.std(vols[-1] - vols[0])).astype(np.float32)
-    res = fit_ppca(data, 1, mean_volume=vols.mean(0), init_components=init, mask=mask, noise_psd=sigma ** 2,
-                   n_iter=4, cg_iter=4, tol=0)
+    mean = vols.mean(0)
+    init = estimate_covariance(data, mean, sigma ** 2, n_components=1, radius=4).components
+    rho0 = abs(spearmanr(posterior_coefficients(data, np.concatenate([mean[None], init]), sigma ** 2)[0][:, 0],
+                         ts[labels]).correlation)
+    res = fit_ppca(data, 1, mean_volume=mean, init_components=init, mask=mask, noise_psd=sigma ** 2,
+                   n_iter=3, cg_iter=4, tol=0)
     rho = abs(spearmanr(res.mu[:, 0], ts[labels]).correlation)
-    assert rho > 0.85, rho
+    # the information limit of a linear model: coefficients under the true direction of motion
+    tc = ts - ts.mean()
+    x1 = np.tensordot(tc, vols, 1) / (tc ** 2).sum() * tc.std()
+    oracle = abs(spearmanr(posterior_coefficients(data, np.stack([mean, x1]), sigma ** 2)[0][:, 0],
+                           ts[labels]).correlation)
+    assert rho > oracle - 0.04 and rho > 0.8, (rho, rho0, oracle)
+    assert rho > rho0 - 0.03  # full-resolution EM does not lose the low-resolution start
     direction = (vols[-1] - vols[0]).ravel()
     assert abs(np.corrcoef(res.volumes[1].ravel(), direction)[0, 1]) > 0.8
     le = np.asarray(res.log_evidence)

@@ -85,7 +85,8 @@ def main():
     print(f"images {len(labels)}  D={table.box}  {table.pixel_size} A/px  SNR {args.snr}  K=2  iters {state.iteration}"
           f"  wall {wall:.0f} s")
     print(f"per-image class accuracy: {acc * 100:.2f} %   (target >= 95 %)")
-    print(f"{'class':>5} {'frame':>5} {'images':>7} {'FSC-AUC':>8} {'AUC norm':>8} {'res@0.5 vs GT':>13} {'half 0.143':>10}"
+    print(f"{'class':>5} {'frame':>5} {'images':>7} {'FSC-AUC':>8} {'AUC norm':>8} {'res@0.5 vs GT':>13} "
+          f"{'half 0.143':>10}"
           f" {'true-label AUC':>14} {'(norm)':>7}")
     for r in rows:
         print(f"{r['cls']:>5} {r['frame']:>5} {r['n_images']:>7} {r['fsc_auc']:>8.4f} {r['fsc_auc_normalized']:>8.4f} "

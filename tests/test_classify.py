@@ -74,10 +74,10 @@ def test_class_log_likelihoods_equal_the_core_gaussian_likelihood(two_states, rn
     dS = np.array([[0.0, 0.0], [1.0, -0.5]], np.float32)
     shifts = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
     ctf = CTFParams(*[jnp.asarray(np.asarray(x)[:n]) for x in d["meta"].ctf])
-    out = class_log_likelihood_batch(spectra, jnp.asarray(d["images"][:n]), jnp.asarray(d["R"][:n]),
-                                     jnp.asarray(shifts), ctf, jnp.asarray(lw), jnp.asarray(fs.freqs),
-                                     jnp.asarray(fs.flat_index), jnp.asarray(dR), jnp.asarray(dS),
-                                     jnp.zeros((3, 2)), jnp.float32(A_PX), D, 2)
+    lik = jax.jit(class_log_likelihood_batch, static_argnums=(13, 14))
+    out = lik(spectra, jnp.asarray(d["images"][:n]), jnp.asarray(d["R"][:n]), jnp.asarray(shifts), ctf,
+              jnp.asarray(lw), jnp.asarray(fs.freqs), jnp.asarray(fs.flat_index), jnp.asarray(dR), jnp.asarray(dS),
+              jnp.zeros((3, 2)), jnp.float32(A_PX), D, 2)
     ll = np.asarray(out["log_lik"])  # [n, K, M, S]
     # the same numbers from the core: log N(Y | c T_s P_{A dR} V_k, psd) on the frequencies 0 < |k| <= r_lim
     from jaxhet.core import half_frequency_grid_2d, psd_to_half_grid
@@ -109,6 +109,7 @@ def test_class_log_likelihoods_equal_the_core_gaussian_likelihood(two_states, rn
     assert np.abs(exp).max() > 50  # the differences are large: a wrong formula would show
 
 
+@pytest.mark.slow
 def test_empty_class_is_reseeded_by_splitting_the_largest(two_states):
     d = two_states
     src = ArrayParticles(d["images"], d["R"], d["meta"].origin_in_pixels, d["meta"].ctf, A_PX)
@@ -129,6 +130,7 @@ def test_empty_class_is_reseeded_by_splitting_the_largest(two_states):
     assert 0.5 < cc < 0.9999, cc
 
 
+@pytest.mark.slow
 def test_local_search_moves_perturbed_poses_towards_the_truth(two_states):
     d = two_states
     n = 96

@@ -140,7 +140,8 @@ def run(args) -> int:
                 write_mrc(os.path.join(movies, f"component_{j + 1}_frame_{f + 1:02d}.mrc"), v, pix, overwrite=True)
             save_map_series_sections(maps, os.path.join(movies, f"component_{j + 1}.png"),
                                      labels=[f"{x:.2g}" for x in vals],
-                                     title=f"component {j + 1} ({100 * pca.explained_variance_ratio[j]:.1f}% of variance)")
+                                     title=f"component {j + 1} "
+                                           f"({100 * pca.explained_variance_ratio[j]:.1f}% of variance)")
     labels = [f"body{b + 1}_{n}" for b in range(nb) for n in ("rot_x_deg", "rot_y_deg", "rot_z_deg", "x_A", "y_A",
                                                                  "z_A")]
     with open(os.path.join(out, "pca.json"), "w") as fh:

@@ -50,7 +50,6 @@ import numpy as np
 
 from jaxhet.core import CTFParams, ctf as ctf_fn, gather_trilinear, local_rotation_grid, origin_to_shift, \
     prepare_volume, rfft2_centered, shift_phase
-from jaxhet.core._rotations import _axis_angle_to_matrix_np  # noqa: F401  (static grids)
 
 from ._reconstruct import ReconstructionState, array_batches, backproject_slices, finalize_reconstruction, \
     frequency_set, random_half
@@ -578,7 +577,8 @@ def classification_step(state: ClassificationState, source, config: Classificati
                               class_priors=priors, noise_psd=psd, max_radius=max_radius, fsc=fscs, rotations=rot,
                               origin_in_pixels=org, class_probs=probs, iteration=state.iteration + 1,
                               pixel_size=state.pixel_size)
-    stats = ClassificationStats(log_likelihood=ll, changed_fraction=changed, class_sizes=sizes_before.astype(np.float32),
+    stats = ClassificationStats(log_likelihood=ll, changed_fraction=changed,
+                                class_sizes=sizes_before.astype(np.float32),
                                 resolution=res, max_radius=state.max_radius, reseeded=reseeded,
                                 mean_pose_change_in_degrees=mpc)
     return new, stats

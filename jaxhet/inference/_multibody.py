@@ -379,7 +379,8 @@ def _pass(cfg: MultiBodyConfig, source, state: MultiBodyState, refine: bool, acc
         acc, new_mot, e = _mb_batch(
             acc, spectra, jnp.asarray(state.centers), jnp.asarray(images), jnp.asarray(R),
             jnp.asarray(origin_to_shift(org)), cp, jnp.asarray(valid), jnp.asarray(random_half(pad_idx, cfg.seed)),
-            jnp.asarray(motions[pad_idx]), lik_w, jnp.asarray(sub), jnp.asarray(2 * fs.half_weight), jnp.asarray(fs.half_weight),
+            jnp.asarray(motions[pad_idx]), lik_w, jnp.asarray(sub), jnp.asarray(2 * fs.half_weight),
+            jnp.asarray(fs.half_weight),
             jnp.asarray(fs.freqs), jnp.asarray(fs.flat_index), jnp.asarray(fs.radius), jnp.asarray(dR),
             jnp.asarray(lam), jnp.float32(pix), box_size=D, pad_factor=cfg.pad_factor, ctf_sign=cfg.ctf_sign,
             use_ctf=c is not None, gauss_newton_steps=int(cfg.gauss_newton_steps), sweeps=int(cfg.sweeps),

@@ -91,7 +91,8 @@ def _example(rngs):
     D, a = 8, 3.0
     f = np.arange(D) - D // 2
     z, y, x = np.meshgrid(f, f, f, indexing="ij")
-    b1 = np.exp(-((x + 1.5) ** 2 + y ** 2 + z ** 2) / 2.0) + 0.3 * np.exp(-((x + 1) ** 2 + (y - 1.5) ** 2 + z ** 2) / 1.5)
+    b1 = np.exp(-((x + 1.5) ** 2 + y ** 2 + z ** 2) / 2.0) \
+        + 0.3 * np.exp(-((x + 1) ** 2 + (y - 1.5) ** 2 + z ** 2) / 1.5)
     b2 = np.exp(-((x - 1.5) ** 2 + (y - 0.5) ** 2 + (z + 0.5) ** 2) / 2.5)
     maps = np.stack([b1, b2]).astype(np.float32)
     maps = maps + 0.001 * np.asarray(jax.random.normal(rngs.params(), maps.shape))

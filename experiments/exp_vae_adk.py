@@ -89,6 +89,25 @@ def stage_jaxhet(a):
     print(json.dumps(rec, indent=1))
 
 
+def stage_finalize(a):
+    """Write the outputs of an interrupted jaxhet run from its last checkpoint (resume with
+    --epochs = the epochs it completed); speed comes from its history.json."""
+    out = os.path.join(a.work, f"jaxhet_{a.tag}")
+    hist = json.load(open(os.path.join(out, "history.json")))
+    done = len(hist)
+    cmd = [f"{BIN}/jaxhet", "train", "vae", f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl",
+           "--ctf", f"{a.data}/ctf.pkl", "-o", out, "--zdim", "8", "--epochs", str(done), "--resume", "--no-progress"]
+    rc, wall, cpu, rss = _timed(cmd, out + "_finalize.log")
+    if rc:
+        raise SystemExit(f"jaxhet finalize failed (rc {rc}), see {out}_finalize.log")
+    ips = [h["images_per_second"] for h in hist]
+    rec = dict(command="(interrupted run) " + " ".join(cmd), epochs=done, batch_size=a.batch_size,
+               peak_rss_MB=None, images_per_s_median=float(np.median(ips)), images_per_s_epochs=ips,
+               images_per_cpu_s=None, out=out)
+    _record(f"jaxhet_{a.tag}", rec)
+    print(json.dumps(rec, indent=1))
+
+
 def stage_cryodrgn(a):
     out = os.path.join(a.work, f"cryodrgn_{a.tag}")
     cmd = [f"{BIN}/cryodrgn", "train_vae", f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl",
@@ -168,7 +187,7 @@ def stage_evaluate(a):
         res[key].update(spearman_pc1_frame=rho, fsc_auc_mean_100=float(np.mean(aucs)),
                         fsc_auc_std_100=float(np.std(aucs)))
         table.append((key, res[key]["epochs"], rho, np.mean(aucs), res[key]["images_per_s_median"],
-                      res[key]["images_per_cpu_s"], res[key]["peak_rss_MB"]))
+                      res[key]["images_per_cpu_s"] or float("nan"), res[key]["peak_rss_MB"] or float("nan")))
     # reference: the ground-truth map of the neighbouring frame (how different are frames?)
     from jaxhet.analysis import map_fsc_auc
     res["reference_fsc_auc_gt_frame0_vs_frame97"] = map_fsc_auc(gt[0], gt[97])
@@ -186,7 +205,7 @@ def stage_evaluate(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "evaluate"])
+    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate"])
     p.add_argument("--data", default=os.path.join(ROOT, "experiments", "out", "vae_adk_d32"))
     p.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "vae_adk_runs"))
     p.add_argument("--n", type=int, default=10000)
@@ -196,7 +215,8 @@ def main():
     a = p.parse_args()
     a.tag = a.tag or f"e{a.epochs}"
     os.makedirs(a.work, exist_ok=True)
-    dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, evaluate=stage_evaluate)[a.stage](a)
+    dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, finalize=stage_finalize,
+         evaluate=stage_evaluate)[a.stage](a)
 
 
 if __name__ == "__main__":

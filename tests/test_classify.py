@@ -15,7 +15,7 @@ import pytest
 
 from jaxhet.core import (CTFParams, euler_to_matrix, gaussian_log_likelihood, irfft2_centered, perturb_rotations,
                          prepare_volume, project_volume, rfft2_centered, rotation_angle_between)
-from jaxhet.inference import ArrayParticles, ClassificationConfig, classification_step, classify, \
+from jaxhet.inference import ArrayDataset, ClassificationConfig, classification_step, classify, \
     class_log_likelihood_batch, frequency_set, init_classification
 from jaxhet.sim import SimulationParams, ground_truth_map, load_structure, simulate_images
 
@@ -38,7 +38,7 @@ def _accuracy(pred, labels):
 
 def test_classification_separates_two_conformations(two_states):
     d = two_states
-    src = ArrayParticles(d["images"], d["R"], d["meta"].origin_in_pixels, d["meta"].ctf, A_PX)
+    src = ArrayDataset(d["images"], d["meta"].ctf, A_PX, d["R"], d["meta"].origin_in_pixels)
     cfg = ClassificationConfig(n_classes=2, batch_size=128, seed=1)
     state, hist = classify(src, config=cfg, n_iterations=7)
     acc = _accuracy(state.class_probs.argmax(1), d["labels"])
@@ -112,7 +112,7 @@ def test_class_log_likelihoods_equal_the_core_gaussian_likelihood(two_states, rn
 @pytest.mark.slow
 def test_empty_class_is_reseeded_by_splitting_the_largest(two_states):
     d = two_states
-    src = ArrayParticles(d["images"], d["R"], d["meta"].origin_in_pixels, d["meta"].ctf, A_PX)
+    src = ArrayDataset(d["images"], d["meta"].ctf, A_PX, d["R"], d["meta"].origin_in_pixels)
     cfg = ClassificationConfig(n_classes=3, batch_size=128)
     st = init_classification(src, cfg)
     maps = st.maps.copy()
@@ -143,7 +143,7 @@ def test_local_search_moves_perturbed_poses_towards_the_truth(two_states):
     clean = np.stack([np.asarray(irfft2_centered(project_volume(prepare_volume(jnp.asarray(st_maps[d["labels"][i]])),
                                                                 R_true[i], None, CTFParams(*[x[i] for x in ctf]), A_PX),
                                                  D)) for i in range(n)])
-    src = ArrayParticles(clean, R_bad, None, ctf, A_PX)
+    src = ArrayDataset(clean, ctf, A_PX, R_bad, None)
     cfg = ClassificationConfig(n_classes=2, local_search_in_degrees=6.0, local_step_in_degrees=2.0, batch_size=32)
     st = init_classification(src, cfg)
     st = st._replace(maps=st_maps.astype(np.float32), max_radius=D / 2 - 1,

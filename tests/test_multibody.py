@@ -22,7 +22,7 @@ from flax import nnx
 from jaxhet.core import (CTFParams, axis_angle_to_matrix, ctf, gaussian_atoms_fourier, gaussian_atoms_volume,
                          image_frequencies, irfft2_centered, prepare_volume, random_rotations, render_fourier,
                          rotate_image_frequencies, rotation_angle_between, shift_phase)
-from jaxhet.inference import (ArrayParticles, MultiBodyConfig, component_movie, init_multibody, mask_from_atoms,
+from jaxhet.inference import (ArrayDataset, MultiBodyConfig, component_movie, init_multibody, mask_from_atoms,
                               motion_pca, multibody_step)
 from jaxhet.models import MultiBodyModel, body_centers
 import jaxhet.sim
@@ -101,7 +101,7 @@ def test_body_image_poses_match_the_model_fourier(rng):
 
 def test_multibody_recovers_a_known_rigid_motion_noise_free(moved_lid):
     d = moved_lid
-    src = ArrayParticles(d["images"], d["R"], None, d["ctf"], A_PX)
+    src = ArrayDataset(d["images"], d["ctf"], A_PX, d["R"], None)
     cfg = MultiBodyConfig(sigma_rotation_in_degrees=20, sigma_translation_in_angstroms=10, update_body_maps=False,
                           gauss_newton_steps=8, initial_resolution_in_angstroms=2 * A_PX, batch_size=32)
     cen = body_centers(d["maps"], A_PX)

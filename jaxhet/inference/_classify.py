@@ -51,58 +51,17 @@ import numpy as np
 from jaxhet.core import CTFParams, ctf as ctf_fn, gather_trilinear, local_rotation_grid, origin_to_shift, \
     prepare_volume, rfft2_centered, shift_phase
 
-from ._reconstruct import ReconstructionState, array_batches, backproject_slices, finalize_reconstruction, \
-    frequency_set, random_half
+from ._reconstruct import ReconstructionState, backproject_slices, finalize_reconstruction, frequency_set, \
+    random_half
 
-__all__ = ["ArrayParticles", "ClassificationConfig", "ClassificationState", "ClassificationStats",
+__all__ = ["ClassificationConfig", "ClassificationState", "ClassificationStats",
            "init_classification", "classification_step", "classify", "class_log_likelihood_batch",
            "save_classification_state", "load_classification_state", "local_shift_grid"]
 
 
 # --------------------------------------------------------------------------------------
-# particle sources
+# particle sources (jaxhet.io.ParticleDataset, jaxhet.inference.ArrayDataset)
 # --------------------------------------------------------------------------------------
-
-class ArrayParticles:
-    """In-memory (or memory-mapped) particles with the ``batches`` interface of
-    ``jaxhet.io.ParticleDataset``, so algorithms that stream data accept arrays too.
-
-    Args:
-        images: [N, D, D] real images.
-        rotations: [N, 3, 3] RELION matrices A.
-        origin_in_pixels: [N, 2] RELION origins (None: zeros).
-        ctf_params: CTFParams with [N] fields, or None (no CTF).
-        pixel_size: A/px.
-    """
-
-    def __init__(self, images, rotations, origin_in_pixels=None, ctf_params: CTFParams | None = None,
-                 pixel_size: float = 1.0):
-        self.images = images
-        self.rotations = np.asarray(rotations, np.float32)
-        n = len(images)
-        self.origin_in_pixels = np.zeros((n, 2), np.float32) if origin_in_pixels is None else \
-            np.asarray(origin_in_pixels, np.float32)
-        self.ctf_params = ctf_params
-        self.pixel_size_in_angstroms = float(pixel_size)
-        self.image_size = int(np.asarray(images[:1]).shape[-1])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices=None, drop_last: bool = False):
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
-        if shuffle:
-            idx = np.random.default_rng(seed).permutation(idx)
-        for s in range(0, len(idx), batch_size):
-            sel = np.sort(idx[s:s + batch_size]) if not shuffle else idx[s:s + batch_size]
-            if drop_last and len(sel) < batch_size:
-                return
-            c = None if self.ctf_params is None else CTFParams(*[np.asarray(x)[sel] for x in self.ctf_params])
-            yield next(array_batches(np.asarray(self.images[sel] if hasattr(self.images, "shape") else
-                                                [self.images[i] for i in sel]),
-                                     self.rotations[sel], self.origin_in_pixels[sel], c, self.pixel_size_in_angstroms,
-                                     batch_size=len(sel), indices=sel))
-
 
 def _padded_batches(source, batch_size: int) -> Iterator[tuple]:
     """(images, rotations, origins, ctf or None, indices, n_valid, pixel_size) padded to batch_size."""
@@ -500,7 +459,7 @@ def init_classification(source, config: ClassificationConfig = ClassificationCon
     mean initial map, resolution limit ``initial_resolution_in_angstroms``.
 
     Args:
-        source: a ``jaxhet.io.ParticleDataset`` or :class:`ArrayParticles` (anything with
+        source: a ``jaxhet.io.ParticleDataset`` or ``jaxhet.inference.ArrayDataset`` (anything with
             ``batches(batch_size, shuffle=False)`` yielding ParticleBatch-like objects and
             ``__len__``), with poses.
         config: :class:`ClassificationConfig`.
@@ -617,7 +576,7 @@ def classify(source, n_classes: int = 2, n_iterations: int = 20, *, config: Clas
     :func:`classification_step`.
 
     Args:
-        source: particles with poses (``jaxhet.io.ParticleDataset`` or :class:`ArrayParticles`).
+        source: particles with poses (``jaxhet.io.ParticleDataset`` or ``jaxhet.inference.ArrayDataset``).
         n_classes: K (ignored if ``config`` is given).
         n_iterations: EM iterations.
         config: :class:`ClassificationConfig` (default: K = n_classes, given poses).

@@ -282,8 +282,7 @@ class _Acc(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("box_size", "pad_factor", "ctf_sign", "use_ctf", "gauss_newton_steps", "sweeps",
-                                   "estimator", "refine",
-                                   "accumulate"), donate_argnums=(0,))
+                                   "estimator", "refine", "accumulate"), donate_argnums=(0,))
 def _mb_batch(acc, spectra, centers, images, rotations, shifts, ctf_params, valid, half, motions, lik_weight_cmp,
               sub, parseval, hw, freqs, flat_index, radius, dR, prior_precision, pixel_size, *, box_size, pad_factor,
               ctf_sign, use_ctf, gauss_newton_steps, sweeps, estimator, refine, accumulate):
@@ -346,7 +345,7 @@ def _noise(acc, D):
 
 
 def _pass(cfg: MultiBodyConfig, source, state: MultiBodyState, refine: bool, accumulate: bool, progress: bool,
-          desc: str, poses=None):
+          desc: str):
     N, D, pix = _source_info(source)
     nb = len(state.body_maps)
     fs = frequency_set(D)
@@ -402,7 +401,7 @@ def init_multibody(source, masks, consensus=None, config: MultiBodyConfig = Mult
     residuals against the consensus.
 
     Args:
-        source: particles with consensus poses (``ParticleDataset`` or ``ArrayParticles``).
+        source: particles with consensus poses (``ParticleDataset`` or ``ArrayDataset``).
         masks: [B, D, D, D] soft masks (values in [0, 1]) on the images' grid.
         consensus: optional [D, D, D] consensus map.
         config: :class:`MultiBodyConfig`.

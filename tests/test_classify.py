@@ -169,7 +169,7 @@ def test_cli_classify_writes_outputs_and_refuses_to_overwrite(tmp_path):
     _classify.register(sub)
     out = tmp_path / "out"
     argv = ["classify", str(data / "particles.star"), "--datadir", str(data), "-k", "2", "-o", str(out), "--iters", "3",
-            "-b", "64"]
+            "-b", "128"]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     classes = np.load(out / "classes.npy")

@@ -6,8 +6,10 @@ Alignment (:func:`align_maps`): both maps are Fourier-cropped to a small box and
 to ``search_resolution_in_angstroms``; for each handedness, every rotation of a global
 SO(3) grid is applied in Fourier space (the spectrum of the rotated map is the original's
 sampled at ``Q^T k``, on a pad-2 gridding-corrected grid) and the best translation comes
-from the FFT cross-correlation; the best few are refined on finer local grids; the final
-transform is applied to the full-resolution map. Mirror: ``V(x, y, -z)``.
+from the FFT cross-correlation; the best few are refined on finer local grids (the last
+ones on the full box); the final transform is applied to the full-resolution map by
+cubic-spline interpolation (:func:`rotate_volume`) and a Fourier phase shift (sub-pixel
+peak). Mirror: ``V(x, y, -z)``.
 
 FSC-AUC (CryoBench, Jeon et al. 2024): area under the FSC against frequency in
 cycles/pixel up to Nyquist (:func:`jaxhet.analysis.fsc_auc`).
@@ -64,12 +66,17 @@ def _rotated_spectrum(spec_padded, Q, D: int):
     return gather_trilinear(spec_padded, coords)
 
 
-def rotate_volume(volume, rotation, pad_factor: int = 2) -> np.ndarray:
-    """The map rotated by Q (density at x moves to Q x): ``W(x) = V(Q^T x)``, via Fourier slicing."""
-    v = np.asarray(volume, np.float32)
+def rotate_volume(volume, rotation, order: int = 3) -> np.ndarray:
+    """The map rotated by Q (density at x moves to Q x): ``W(x) = V(Q^T x)`` about the centre
+    voxel D//2, by cubic-spline interpolation (exact for Q = identity)."""
+    from scipy import ndimage
+    v = np.asarray(volume, np.float64)
     D = v.shape[-1]
-    F = _rotated_spectrum(_padded_spectrum(v, pad_factor), jnp.asarray(rotation, jnp.float32), D)
-    return np.asarray(ifft3_centered(F).real, np.float32)
+    Qt = np.asarray(rotation, np.float64).T
+    M = Qt[::-1, ::-1]  # (x, y, z) -> array order (z, y, x)
+    c = np.full(3, D // 2, np.float64)
+    out = ndimage.affine_transform(v, M, offset=c - M @ c, order=order, mode="constant", cval=0.0)
+    return out.astype(np.float32)
 
 
 def translate_volume(volume, shift_xyz_in_pixels) -> np.ndarray:

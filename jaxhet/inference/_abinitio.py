@@ -176,13 +176,14 @@ def abinitio_sgd(dataset, *, n_iterations: int = 60, minibatch_size: int = 300,
         step = fine_step_in_degrees if res <= fine_from_resolution_in_angstroms else coarse_step_in_degrees
         grid_R, _ = so3_grid(step)
         spec = prepare_reference(vol, pix, None, None, pf)
-        slices = reference_slices(spec, grid_R, D, rmax)
+        slices = reference_slices(spec, grid_R, D, r1)  # fixed band r1: one compilation
         S = 1 if shift_range <= 0 else int(np.pi * (shift_range / shift_step + 0.5) ** 2)
         bsz = int(max(1, min(minibatch_size, slice_budget // (S * len(grid_R)))))
         rows = np.sort(rng.choice(N, size=min(minibatch_size, N), replace=False))
-        fs_c = _static_fs(D, rmax).value
+        fs_c = _static_fs(D, r1).value
         kc = jnp.asarray(fs_c.freqs)
-        hw = jnp.asarray(fs_c.half_weight)
+        in_band = np.sqrt((fs_c.freqs ** 2).sum(-1)) <= rmax + 1e-6
+        hw = jnp.asarray((fs_c.half_weight * in_band).astype(np.float32))
         G_acc = None
         rs = np.zeros(n_sh)
         rc = np.zeros(n_sh)
@@ -194,7 +195,8 @@ def abinitio_sgd(dataset, *, n_iterations: int = 60, minibatch_size: int = 300,
             out, G, G2 = global_pose_search(spec, grid_R, _pad(b.images, bsz), _pad_ctf(b.ctf, bsz),
                                             -_pad(np.asarray(b.origin_in_pixels, np.float32), bsz), noise, pix, rmax,
                                             shift_range=shift_range, shift_step=shift_step, beta=beta,
-                                            ctf_sign=ctf_sign, image_weight=w, aggregate=True, slices=slices)
+                                            ctf_sign=ctf_sign, image_weight=w, aggregate=True, slices=slices,
+                                            band_radius=r1)
             G_acc = (G, G2) if G_acc is None else (G_acc[0] + G, G_acc[1] + G2)
             rp = np.asarray(out.residual_power)[:n]
             rs += np.bincount(rad_full, (rp * wpar[None]).sum(0), minlength=n_sh)[:n_sh]

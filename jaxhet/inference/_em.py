@@ -352,7 +352,7 @@ def _global_search_jit(spectrum, slices_cmp, grid_R, images, ctf_params, s0, ome
 def global_pose_search(spectrum, grid_rotations, images, ctf_params: CTFParams | None, shifts_in_pixels, noise_power,
                        pixel_size: float, max_radius: float, *, shift_range: float = 0.0, shift_step: float = 1.0,
                        shift_prior_sigma: float = 1e3, beta: float = 1.0, k_top: int = 4, ctf_sign: str = "relion",
-                       image_weight=None, aggregate: bool = False, slices=None):
+                       image_weight=None, aggregate: bool = False, slices=None, band_radius: float | None = None):
     """Global E-step for a batch over a shared rotation grid (e.g. :func:`jaxhet.core.so3_grid`).
 
     Returns ``(PoseSearchResult, G, G2)``; with ``aggregate=True`` G [M, Kc] and G2 [M, Kc]
@@ -360,14 +360,19 @@ def global_pose_search(spectrum, grid_rotations, images, ctf_params: CTFParams |
     ``sum_i p_im c_i^2`` per grid rotation at the comparison frequencies (insert with
     :func:`backproject_slices` for a full-posterior M-step), else None.
     ``slices`` may pass precomputed reference slices [M, Kc] (they depend only on the map).
+    ``band_radius`` (>= max_radius): the frequency set of the arrays (slices, G, G2);
+    frequencies beyond ``max_radius`` get zero likelihood weight. A fixed band lets a
+    growing ``max_radius`` reuse one compiled function.
     """
     images = jnp.asarray(images, jnp.float32)
     B, D = images.shape[0], images.shape[-1]
-    fs_full, fs_cmp = _static_fs(D), _static_fs(D, max_radius)
-    omega = jnp.asarray(noise_weights(noise_power, fs_cmp.value, D))
+    band = max_radius if band_radius is None else max(band_radius, max_radius)
+    fs_full, fs_cmp = _static_fs(D), _static_fs(D, band)
+    omega = noise_weights(noise_power, fs_cmp.value, D) * (np.sqrt((fs_cmp.value.freqs ** 2).sum(-1)) <= max_radius + 1e-6)
+    omega = jnp.asarray(omega.astype(np.float32))
     grid_R = jnp.asarray(grid_rotations, jnp.float32)
     if slices is None:
-        slices = reference_slices(spectrum, grid_R, D, max_radius)
+        slices = reference_slices(spectrum, grid_R, D, band)
     grid_s = jnp.asarray(shift_grid(shift_range, shift_step))
     cp = ctf_params if ctf_params is not None else CTFParams.create(jnp.zeros(B))
     w = jnp.ones(B, jnp.float32) if image_weight is None else jnp.asarray(image_weight, jnp.float32)

@@ -41,11 +41,11 @@ def test_align_maps_recovers_rotation_shift_and_hand(gt):
     Q = np.asarray(euler_to_matrix(jnp.array([37.0, 71.0, -122.0])))
     moved = translate_volume(rotate_volume(mirror_volume(gt), Q), [1.0, -2.0, 1.0])
     assert map_fsc_auc(moved, gt, normalized=True) < 0.5
-    r = align_maps(moved, gt, PIX, search_box=16)
+    r = align_maps(moved, gt, PIX, search_box=D)
     assert r.mirrored
     # perfect: 0.917 at D=24; measured 0.90 (two trilinear resamplings)
     assert map_fsc_auc(r.aligned, gt, normalized=True) > 0.85
-    r2 = align_maps(translate_volume(rotate_volume(gt, Q), [1.0, 0.0, 0.0]), gt, PIX, search_box=16)
+    r2 = align_maps(translate_volume(rotate_volume(gt, Q), [1.0, 0.0, 0.0]), gt, PIX, search_box=D)
     assert not r2.mirrored and map_fsc_auc(r2.aligned, gt, normalized=True) > 0.85
 
 
@@ -77,5 +77,5 @@ def test_abinitio_sgd_finds_the_structure(gt):
     # the random-orientation start (no iteration) is a blob: clearly worse
     v0, h0 = abinitio_sgd(ds, n_iterations=0, minibatch_size=100, initial_resolution_in_angstroms=32.0, seed=0)
     assert h0 == []
-    c0 = fsc(align_maps(v0, gt, PIX, search_box=16).aligned, gt)
+    c0 = fsc(align_maps(v0, gt, PIX, search_box=D).aligned, gt)
     assert c[2:5].mean() > c0[2:5].mean() + 0.1, (c, c0)

@@ -177,6 +177,8 @@ def stage_evaluate(a):
     res = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
     table = []
     for key in sorted(k for k in res if k.startswith(("jaxhet_", "cryodrgn_"))):
+        if a.only and key not in a.only.split(","):
+            continue
         out = res[key]["out"]
         if key.startswith("jaxhet_"):
             z, maps = _jaxhet_maps(out, idx)
@@ -212,6 +214,7 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tag", default=None)
+    p.add_argument("--only", default=None, help="evaluate: only these runs (comma-separated keys)")
     a = p.parse_args()
     a.tag = a.tag or f"e{a.epochs}"
     os.makedirs(a.work, exist_ok=True)

@@ -118,7 +118,6 @@ def run(args) -> int:
         R, O, P, spread, rec = res.rotations, res.origin_in_pixels, res.max_probability, \
             res.angular_spread_in_degrees, res.reconstruction
     else:
-        from jaxhet.inference import ArrayDataset  # noqa: F401  (poses only; reconstruct below)
         from jaxhet.inference import init_reconstruction, accumulate_batches, finalize_reconstruction, ImageBatch
 
         def with_poses():

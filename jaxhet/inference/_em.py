@@ -42,25 +42,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Complex, Float
+from jaxtyping import Array, Complex
 
-from jaxhet.core import (CTFParams, axis_angle_to_matrix, fft3_centered, origin_to_shift, so3_grid,
-                         rotation_angle_between)
+from jaxhet.core import CTFParams, axis_angle_to_matrix, fft3_centered, so3_grid, rotation_angle_between
 from jaxhet.core._fourier import pad_volume
 from jaxhet.core._slicing import _sinc2_correction, _trilinear_corners
-from jaxhet.analysis import fsc_resolution
 from jaxhet.analysis._masks import lowpass_filter
 
-from ._reconstruct import (ArrayDataset, ReconstructionResult, batch_ctf, batch_image_ft, backproject_slices,
-                           finalize_reconstruction, frequency_set, init_reconstruction, random_half, _static_fs,
-                           _backproject_images_jit)
+from ._reconstruct import (ReconstructionResult, batch_ctf, batch_image_ft, finalize_reconstruction, frequency_set,
+                           init_reconstruction, random_half, _static_fs, _backproject_images_jit)
 
 __all__ = [
     "SearchStage", "PoseSearchResult", "RefinementResult", "local_rotation_vectors", "shift_grid",
@@ -453,7 +450,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
            resolution_margin_shells: int = 3, mask_radius_in_pixels: float | None = None,
            m_step: str = "best", k_top: int = 4, batch_size: int = 128, shift_prior_sigma: float = 3.0,
            seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
-           global_slice_budget: int = 6_000_000) -> RefinementResult:
+           global_slice_budget: int = 6_000_000, adaptive_range: bool = True) -> RefinementResult:
     """Gold-standard EM refinement of poses and map (see module docstring).
 
     Args:
@@ -479,6 +476,9 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         callback: optional ``callback(iteration, info_dict, rotations, origin_in_pixels,
             half_maps)`` after each iteration (e.g. to checkpoint).
         global_slice_budget: max B*S*M scores per global-search batch (memory).
+        adaptive_range: widen a local stage's window to twice the previous iteration's
+            median posterior spread when the schedule asks for less (a window narrower than
+            the posterior truncates it and biases the poses towards the previous ones).
 
     Returns:
         :class:`RefinementResult`.
@@ -543,8 +543,15 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     maxp = np.zeros(N, np.float32)
     spread = np.zeros(N, np.float32)
 
+    prev_spread = None
     for it, stage in enumerate(schedule):
         t0 = time.time()
+        if adaptive_range and stage.kind == "local" and prev_spread is not None \
+                and stage.angular_range < 2.0 * prev_spread:
+            # never search a window narrower than the posterior (RELION adapts its sampling likewise)
+            rng_deg = 2.0 * prev_spread
+            stage = SearchStage("local", max(stage.angular_step, rng_deg / 4), rng_deg, stage.shift_range,
+                                stage.shift_step)
         specs = [prepare_reference(m, pix, res_limit if it == 0 else None, mask_r) for m in maps]
         if noise is None:
             noise = _initial_noise(dataset, specs, rot, shifts, half, D, pix, batch_size, ctf_sign)
@@ -606,6 +613,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         if bar is not None:
             bar.close()
         rot, shifts = new_rot, new_shift
+        prev_spread = float(np.median(spread))
         noise = estimate_noise_power(res_sum, res_cnt, D)
         rec = finalize_reconstruction(st, pix)
         maps = [rec.half_maps[0], rec.half_maps[1]]

@@ -37,7 +37,6 @@ Enzymol. 482:1; Rosenthal & Henderson (2003) J. Mol. Biol. 333:721.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Iterable, NamedTuple
 
@@ -46,8 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Complex, Float, Int
 
-from jaxhet.core import CTFParams, ctf as ctf_fn, fft3_centered, ifft3_centered, origin_to_shift, rfft2_centered, \
-    rotate_image_frequencies, shift_phase
+from jaxhet.core import CTFParams, ctf as ctf_fn, ifft3_centered, origin_to_shift, rfft2_centered, shift_phase
 from jaxhet.core._slicing import _sinc2_correction, _trilinear_corners
 from jaxhet.core._fourier import half_frequency_grid_2d, half_plane_weights
 from jaxhet.analysis import fsc, fsc_resolution

@@ -48,77 +48,113 @@ class DiffusionMap(NamedTuple):
     n_neighbors: int
 
 
+def _diffusion_kernel(X, k: int, eps, alpha: float):
+    """Dense density-normalised kNN Gaussian kernel on X [n, d]: (W~ [n, n], eps, q)."""
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(X)
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(X)
+    dist, ind = nn.kneighbors(X)
+    d2 = dist[:, 1:] ** 2
+    if eps is None:  # self-tuning widths (Zelnik-Manor & Perona 2004): sigma_i = distance to the k-th neighbour
+        sig = np.maximum(dist[:, -1], 1e-12)
+        w = np.exp(-d2 / (sig[:, None] * sig[ind[:, 1:]]))
+        eps = float(np.median(sig) ** 2)
+    else:
+        w = np.exp(-d2 / eps)
+    W = sp.csr_matrix((w.ravel(), (np.repeat(np.arange(n), k), ind[:, 1:].ravel())), shape=(n, n))
+    W = W.maximum(W.T).toarray() + np.eye(n)
+    q = W.sum(1)
+    if alpha:
+        W = W / np.outer(q ** alpha, q ** alpha)
+    return W, eps, q
+
+
 def diffusion_map(x, n_components: int = 2, *, n_neighbors: int = 32, eps: float | None = None,
-                  alpha: float = 1.0, t: float = 1.0, seed: int = 0) -> DiffusionMap:
+                  alpha: float = 1.0, t: float = 1.0, n_landmarks: int = 1500, seed: int = 0,
+                  debug: bool = False) -> DiffusionMap:
     """Diffusion-map embedding (Coifman & Lafon 2006) of points x [N, d].
+
+    The eigenproblem is solved densely on at most ``n_landmarks`` points (a random
+    subset); the other points get their coordinates by the Nystrom extension
+    ``psi_j(x) = lambda_j^-1 sum_l M(x, l) psi_j(l)`` with M the (density-normalised,
+    row-stochastic) kernel from x to the landmarks.
 
     Args:
         x: [N, d] points (e.g. posterior means of linear-model coefficients).
         n_components: number of non-trivial coordinates returned.
-        n_neighbors: k of the sparse k-NN kernel (doubled until the graph is connected and
-            the second eigenvalue is below 1 - 1e-5, i.e. not nearly disconnected).
-        eps: kernel width (squared distance); default the median squared distance to the
-            k-th neighbour.
+        n_neighbors: k of the k-NN kernel (doubled, up to 16 k, until the graph is not
+            (nearly) disconnected: ``1 - lambda_1 > 0.02 (1 - lambda_2)``).
+        eps: kernel width (squared distance); default: self-tuning widths
+            ``exp(-d_ij^2 / (sigma_i sigma_j))`` with sigma_i the distance of point i to its
+            k-th neighbour (Zelnik-Manor & Perona 2004), robust to sparse tails.
         alpha: density normalisation (1: Laplace-Beltrami; 0: graph Laplacian).
         t: diffusion time (coordinates scaled by lambda^t).
-        seed: starting vector of the sparse eigensolver.
+        n_landmarks: size of the subset solved exactly.
+        seed: landmark subset.
 
     Returns:
         :class:`DiffusionMap`; the sign of each coordinate is fixed so that it correlates
         positively with the first column of x.
     """
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import eigsh
-    from sklearn.neighbors import NearestNeighbors
-
     from scipy.sparse.csgraph import connected_components
 
     X = np.asarray(x, np.float64)
     if X.ndim == 1:
         X = X[:, None]
     N = len(X)
-    k = int(min(max(n_neighbors, 2), N - 1))
     rng = np.random.default_rng(seed)
+    land = np.sort(rng.choice(N, n_landmarks, replace=False)) if N > n_landmarks else np.arange(N)
+    L = X[land]
+    n = len(L)
+    k = int(min(max(n_neighbors, 2), n - 1))
+    k_max = int(min(n - 1, max(16 * k, 256)))
     while True:
-        nn = NearestNeighbors(n_neighbors=k + 1).fit(X)
+        W, e, q = _diffusion_kernel(L, k, eps, alpha)
+        d = W.sum(1)
+        S = W / np.sqrt(np.outer(d, d))
+        import scipy.linalg
+        top = min(n, max(n_components, 2) + 1)
+        vals, vecs = scipy.linalg.eigh(S, subset_by_index=[n - top, n - 1], driver="evr")
+        vals, vecs = vals[::-1], vecs[:, ::-1]
+        gap1, gap2 = 1.0 - vals[1], 1.0 - vals[2] if n > 2 else 1.0
+        connected = connected_components(W > 0, directed=False)[0] == 1
+        # a nearly disconnected graph has 1 - lambda_1 << 1 - lambda_2 (on a connected 1D
+        # manifold the ratio is ~1/4): psi_1 would indicate a component, not a coordinate
+        if debug:
+            print(f"diffusion_map: k={k} connected={connected} gaps {gap1:.3g} {gap2:.3g}")
+        if (connected and gap1 > 0.02 * gap2) or k >= k_max:
+            break
+        k = min(2 * k, k_max)
+    m = min(n_components, n - 1)
+    if eps is None and len(land) < N:
+        from sklearn.neighbors import NearestNeighbors
+        sig_l = np.maximum(NearestNeighbors(n_neighbors=k + 1).fit(L).kneighbors(L)[0][:, -1], 1e-12)
+    psi_l = vecs[:, 1:m + 1] / np.sqrt(d)[:, None]  # right eigenvectors of M = D^-1 W~
+    lam = vals[1:m + 1]
+    if len(land) < N:
+        from sklearn.neighbors import NearestNeighbors
+        kk = min(k, n)
+        nn = NearestNeighbors(n_neighbors=kk).fit(L)
         dist, ind = nn.kneighbors(X)
-        d2 = dist[:, 1:] ** 2
-        e = eps
-        if e is None:
-            e = float(np.median(d2[:, -1]))
-            e = e if e > 0 else 1.0
-        rows = np.repeat(np.arange(N), k)
-        W = sp.csr_matrix((np.exp(-d2.ravel() / e), (rows, ind[:, 1:].ravel())), shape=(N, N))
-        W = W.maximum(W.T)
-        connected = connected_components(W, directed=False)[0] == 1
-        if connected or k >= N - 1:
-            W = W + sp.identity(N, format="csr")
-            q = np.asarray(W.sum(1)).ravel()
-            if alpha:
-                qa = sp.diags(q ** -alpha)
-                W = qa @ W @ qa
-            d = np.asarray(W.sum(1)).ravel()
-            dm = sp.diags(d ** -0.5)
-            S = dm @ W @ dm
-            # shift-invert about 1, the top of the Markov spectrum
-            vals, vecs = eigsh(S.tocsc(), k=n_components + 1, sigma=1.0 + 1e-3, which="LM", v0=rng.normal(size=N))
-            order = np.argsort(vals)[::-1]
-            vals, vecs = vals[order], vecs[:, order]
-            # a (nearly) disconnected graph has a second eigenvalue ~1 and psi_1 indicates a
-            # component, not a coordinate: grow the neighbourhoods
-            if vals[1] < 1.0 - 1e-5 or k >= N - 1:
-                break
-        k = min(2 * k, N - 1)
-    eps = e
-    psi = vecs / np.sqrt(d)[:, None]
-    psi = psi[:, 1:n_components + 1] / np.maximum(np.abs(psi[:, :1]).mean(), 1e-30)
-    lam = vals[1:n_components + 1]
+        kx = np.exp(-dist ** 2 / (np.maximum(dist[:, -1:], 1e-12) * sig_l[ind])) if eps is None \
+            else np.exp(-dist ** 2 / e)
+        if alpha:
+            qx = kx.sum(1) + 1e-300
+            kx = kx / (qx[:, None] ** alpha * q[ind] ** alpha)
+        mx = kx / kx.sum(1, keepdims=True)
+        psi = np.einsum("nk,nkj->nj", mx, psi_l[ind]) / lam[None]
+        psi[land] = psi_l
+    else:
+        psi = psi_l
+    psi = psi / max(np.abs(psi).std(0).max(), 1e-30)
     coords = psi * (np.abs(lam) ** t)[None]
     for j in range(coords.shape[1]):
         c = np.corrcoef(coords[:, j], X[:, 0])[0, 1]
         if np.isfinite(c) and c < 0:
             coords[:, j] *= -1
-    return DiffusionMap(coords.astype(np.float32), lam.astype(np.float32), float(eps), k)
+    return DiffusionMap(coords.astype(np.float32), lam.astype(np.float32), float(e), k)
 
 
 def manifold_coordinate(coord) -> np.ndarray:

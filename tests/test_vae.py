@@ -136,7 +136,7 @@ _RUN = textwrap.dedent("""
 
 def _run(script, *args, env=None):
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=1200)
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):

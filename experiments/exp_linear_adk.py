@@ -87,7 +87,8 @@ def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, ba
     R["covariance_eigenvalues"] = cov.eigenvalues.tolist()
     R["covariance_radius"] = cov.radius
     t = time.time()
-    pp = fit_ppca(data, k, mean_volume=mres.volume, init_components=cov.components, mask=mask, noise_psd=psd,
+    pp = fit_ppca(data, k, mean_volume=mres.volume, mean_inv_tau2=mres.inv_tau2, init_components=cov.components,
+                  mask=mask, noise_psd=psd,
                   n_iter=ppca_iters, tol=0, progress=True)
     T["ppca"] = time.time() - t
     R["ppca_log_evidence"] = [float(x) for x in pp.log_evidence]
@@ -167,7 +168,7 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     if p.returncode != 0:
         res["error"] = "compute_state failed: " + p.stderr[-2000:]
         return res
-    files = sorted(glob.glob(os.path.join(cs_out, "**", "*.mrc"), recursive=True))
+    files = sorted(glob.glob(os.path.join(cs_out, "*.mrc")))  # <prefix>NNN.mrc (+ half maps)
     vols = _recovar_state_maps(files, len(sel))
     res["n_maps"] = len(vols)
     from jaxhet.analysis import map_fsc_auc
@@ -194,26 +195,21 @@ def _recovar_latents(out_dir: str, venv: str) -> str:
     code = ("import sys, numpy as np\n"
             "from recovar.output import PipelineOutput\n"
             "po = PipelineOutput(sys.argv[1])\n"
-            "z = po.get('zs')[4]\n"
+            "z = po.get_embedding_component('latent_coords', 4)\n"
             "np.save(sys.argv[2], np.asarray(z))\n")
     subprocess.run([os.path.join(venv, "bin", "python"), "-c", code, out_dir, dst], check=True)
     return dst
 
 
 def _recovar_state_maps(files, n):
-    """The n state maps written by compute_state, in latent-point order (one per point)."""
-    from jaxhet import io as jio
+    """The n filtered state maps written by compute_state (``<prefix>NNN.mrc``), in order."""
     import re
+    from jaxhet import io as jio
     per_point = {}
     for f in files:
-        base = os.path.basename(f)
-        m = re.search(r"(\d+)", os.path.relpath(f))
-        if "locres" in base or "mask" in base or "half" in base or "unfil" in base:
-            continue
-        if m is None:
-            continue
-        idx = int(re.findall(r"(\d+)", os.path.relpath(f))[-1])
-        per_point.setdefault(idx, f)
+        m = re.fullmatch(r"[A-Za-z_]*?(\d{3,})\.mrc", os.path.basename(f))
+        if m:
+            per_point[int(m.group(1))] = f
     keys = sorted(per_point)[:n]
     return [jio.read_mrc(per_point[k])[0] for k in keys]
 
@@ -227,8 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--ppca-iters", type=int, default=8)
     ap.add_argument("--refine", type=int, default=2, help="likelihood refinements of the spectral coordinate")
-    ap.add_argument("--bandwidth", type=float, default=0.04)
-    ap.add_argument("--nodes", type=int, default=25)
+    ap.add_argument("--bandwidth", type=float, default=0.2)
+    ap.add_argument("--nodes", type=int, default=15)
     ap.add_argument("--work", default="/tmp/exp_linear_adk")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "linear_adk.json"))
     args = ap.parse_args(argv)

@@ -34,10 +34,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="covariance", choices=["covariance", "random"],
                    help="initial components: covariance estimator or random maps")
     p.add_argument("--radius", type=float, default=None, help="covariance cut-off (cycles per box) for --init")
-    p.add_argument("--fix-mean", action="store_true", help="keep X_0 at the CG mean map")
+    p.add_argument("--free-mean", action="store_true",
+                   help="also refit X_0 in the M-steps (default: keep the CG Wiener mean)")
     p.add_argument("--spectral", action="store_true", help="also compute spectral volumes along the manifold")
-    p.add_argument("--nodes", type=int, default=25, help="spectral volumes: number of nodes")
-    p.add_argument("--bandwidth", type=float, default=0.04, help="spectral volumes: kernel width (fraction of images)")
+    p.add_argument("--nodes", type=int, default=15, help="spectral volumes: number of nodes")
+    p.add_argument("--bandwidth", type=float, default=0.2, help="spectral volumes: kernel width (fraction of images)")
+    p.add_argument("--refine", type=int, default=0, help="spectral volumes: likelihood refinements of the coordinate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
 
@@ -61,10 +63,10 @@ def _run(args) -> int:
     t0 = time.time()
     ds, data, mask = open_linear_data(args)
     print(f"{data.n_images} particles, box {data.box_size}, {data.pixel_size:.3g} A/px")
-    mean = init = psd = None
+    mean = init = psd = inv_tau2 = None
     if not args.resume:
         mres = solve_mean(data)
-        mean = mres.volume
+        mean, inv_tau2 = mres.volume, mres.inv_tau2
         print(f"mean: {mres.cg.n_iter} CG iterations, relative residual {mres.cg.residual_norms[-1]:.2e}")
         if mask is None:
             mask = default_mask(mean, data.pixel_size)
@@ -75,14 +77,15 @@ def _run(args) -> int:
             print(f"covariance init: eigenvalues {np.array2string(cov.eigenvalues, precision=3)}")
         else:
             init = np.zeros((0,) + mean.shape, np.float32)
-    res = fit_ppca(data, args.k, mean_volume=mean, init_components=init, mask=mask, noise_psd=psd,
-                   n_iter=args.iters, cg_iter=args.cg_iter, seed=args.seed, fix_mean=args.fix_mean,
+    res = fit_ppca(data, args.k, mean_volume=mean, mean_inv_tau2=inv_tau2, init_components=init, mask=mask, noise_psd=psd,
+                   n_iter=args.iters, cg_iter=args.cg_iter, seed=args.seed, fix_mean=not args.free_mean,
                    progress=True, checkpoint=ckpt)
     extra = dict(method="ppca", log_evidence=[float(x) for x in res.log_evidence],
                  noise_psd=np.asarray(res.noise_psd).tolist(), seconds_ppca=res.seconds)
     if args.spectral:
         sv = spectral_volumes(ds, res.mu, n_nodes=args.nodes, bandwidth=args.bandwidth, mask=res.mask,
-                              batch_size=args.batch_size, ctf_sign=args.ctf_sign, progress=True)
+                              batch_size=args.batch_size, ctf_sign=args.ctf_sign, refine_iter=args.refine,
+                              prepared=data, noise_psd=res.noise_psd, progress=True)
         sd = os.path.join(args.out, "spectral")
         os.makedirs(sd, exist_ok=True)
         for jn, v in enumerate(sv.node_maps):

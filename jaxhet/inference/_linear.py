@@ -907,18 +907,20 @@ def _update_tau2(volumes, data_diag, tau2, floor_fraction: float = 1e-3):
     return out.astype(np.float32)
 
 
-def init_ppca(data: PreparedImages, mean_volume, components, noise_psd, *, tau2=None) -> PPCAState:
+def init_ppca(data: PreparedImages, mean_volume, components, noise_psd, *, tau2=None,
+              mean_inv_tau2=None) -> PPCAState:
     """Initial PPCA state from a mean map and K initial components [K, D, D, D].
 
-    ``tau2`` [K+1, D//2+1] defaults to the shell power of the mean for every volume: a
-    weak prior that lets components known only at low resolution (e.g. from
-    :func:`estimate_covariance`) or random starts grow; :func:`ppca_step` then updates it
-    by evidence maximisation.
+    ``tau2`` [K+1, D//2+1] defaults to the mean's signal power per shell for every volume
+    (``1 / mean_inv_tau2``, the Wiener prior of :func:`solve_mean`, else the mean's shell
+    power): a weak prior that lets components known only at low resolution (e.g. from
+    :func:`estimate_covariance`) or random starts grow; :func:`ppca_step` then updates
+    the components' priors by evidence maximisation (capped by the mean's).
     """
     D = data.box_size
     vols = np.concatenate([np.asarray(mean_volume, np.float32)[None], np.asarray(components, np.float32)], 0)
-    if tau2 is None:  # a weak prior: every map's DFT variance per shell = the mean's power
-        p0 = shell_power(vols[0])
+    if tau2 is None:  # every map's DFT variance per shell = the mean's signal power
+        p0 = shell_power(vols[0]) if mean_inv_tau2 is None else 1.0 / np.maximum(np.asarray(mean_inv_tau2), 1e-30)
         tau2 = np.stack([p0] * len(vols))
     K = len(vols) - 1
     N = data.n_images
@@ -984,7 +986,13 @@ def ppca_step(data: PreparedImages, state: PPCAState, *, mask=None, pad_factor: 
                             precondition=lambda r: M(r) * free, tol=cg_tol, max_iter=cg_iter)
     new = np.asarray((cg.x * free + fixed) * ops.mask, np.float32)
     psd = _psd_from_power(data, power, float(N)) if update_noise else state.noise_psd
-    tau2 = _update_tau2(new, data_diag, state.tau2) if update_tau2 else state.tau2
+    tau2 = np.asarray(state.tau2, np.float32).copy()
+    if update_tau2 and K > 0:
+        # components: evidence update, capped per shell by the mean's signal power (a
+        # component of a small-amplitude motion has no more power than the map itself);
+        # X_0 keeps its (Wiener) prior
+        upd = _update_tau2(new, data_diag, state.tau2)
+        tau2[1:] = np.minimum(upd[1:], tau2[:1])
     log_ev = list(state.log_evidence) + [float(np.mean(lls))]
     return PPCAState(new, psd, tau2, mu, cov, log_ev, state.iteration + 1)
 
@@ -1044,23 +1052,26 @@ class PPCAResult(NamedTuple):
     seconds: float
 
 
-def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, init_components=None, mask=None,
-             noise_psd=None, n_iter: int = 15, cg_iter: int = 6, pad_factor: int = 2, seed: int = 0,
-             fix_mean: bool = False, tol: float = 1e-4, progress: bool = False, checkpoint: str | None = None,
-             state: PPCAState | None = None) -> PPCAResult:
+def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, mean_inv_tau2=None,
+             init_components=None, mask=None, noise_psd=None, n_iter: int = 15, cg_iter: int = 6,
+             pad_factor: int = 2, seed: int = 0, fix_mean: bool = True, tol: float = 1e-4, progress: bool = False,
+             checkpoint: str | None = None, state: PPCAState | None = None) -> PPCAResult:
     """Probabilistic PCA by EM (Tagare et al. 2015) at the images' box.
 
     Args:
         data: prepared images.
         n_components: K.
         mean_volume: initial X_0 (default: :func:`solve_mean`).
+        mean_inv_tau2: the mean's Wiener prior (``MeanResult.inv_tau2``): prior of X_0 and
+            cap of the components' priors (default: the mean's shell power).
         init_components: [K, D, D, D] initial X_k (default: :func:`estimate_covariance`
             principal volumes; falls back to small random maps for K larger than found).
         mask: real-space solvent mask (default: :func:`jaxhet.analysis.solvent_mask` of
             the mean with a ~6 A extension and soft edge).
         noise_psd: initial noise PSD (default: from the mean's residuals).
         n_iter: EM iterations. cg_iter: inner PCG iterations per M-step.
-        fix_mean: keep X_0 at the initial mean.
+        fix_mean: keep X_0 at the initial (CG, Wiener-regularised) mean (default; the
+            joint M-step's evidence prior for X_0 is weaker than the FSC-based one).
         tol: stop when the mean log evidence per image improves by less than tol * |value|.
         progress: print per-iteration log evidence.
         checkpoint: path of an ``.npz`` written after every iteration (resumed from if it
@@ -1077,7 +1088,8 @@ def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, init_
         state, mask = load_ppca_checkpoint(checkpoint)
     if state is None:
         if mean_volume is None:
-            mean_volume = solve_mean(data, mask=None, noise_psd=noise_psd, pad_factor=pad_factor).volume
+            mres = solve_mean(data, mask=None, pad_factor=pad_factor)
+            mean_volume, mean_inv_tau2 = mres.volume, mres.inv_tau2
         if mask is None:
             mask = default_mask(mean_volume, data.pixel_size)
         if noise_psd is None:
@@ -1092,7 +1104,8 @@ def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, init_
             extra = rng.normal(size=(K - len(init), D, D, D)).astype(np.float32)
             extra *= scale / np.linalg.norm(extra[0]) * np.asarray(mask, np.float32)
             init = np.concatenate([init, extra], 0)
-        state = init_ppca(data, np.asarray(mean_volume) * np.asarray(mask), init[:K] * np.asarray(mask), noise_psd)
+        state = init_ppca(data, np.asarray(mean_volume) * np.asarray(mask), init[:K] * np.asarray(mask), noise_psd,
+                          mean_inv_tau2=mean_inv_tau2)
     mask = np.ones((D, D, D), np.float32) if mask is None else np.asarray(mask, np.float32)
     while state.iteration < n_iter:
         state = ppca_step(data, state, mask=mask, pad_factor=pad_factor, cg_iter=cg_iter, fix_mean=fix_mean)

@@ -35,7 +35,8 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["DiffusionMap", "diffusion_map", "manifold_coordinate", "SpectralVolumes", "spectral_volumes",
-           "kernel_weights", "interpolate_node_maps", "node_log_likelihoods", "node_reconstructions"]
+           "kernel_weights", "interpolate_node_maps", "node_log_likelihoods", "node_reconstructions",
+           "interpolated_log_likelihoods", "select_bandwidth"]
 
 
 class DiffusionMap(NamedTuple):
@@ -306,10 +307,87 @@ def node_log_likelihoods(prepared, node_maps, noise_psd, *, chunk: int = 4, pad_
     return out
 
 
-def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandwidth: float = 0.04,
+def _interp_weights(nodes, u) -> np.ndarray:
+    """[N, J] linear-interpolation weights of coordinates u between the nodes."""
+    nodes = np.asarray(nodes, np.float64)
+    u = np.clip(np.asarray(u, np.float64), nodes[0], nodes[-1])
+    J = len(nodes)
+    out = np.zeros((len(u), J), np.float32)
+    if J == 1:
+        out[:, 0] = 1
+        return out
+    j = np.clip(np.searchsorted(nodes, u) - 1, 0, J - 2)
+    a = (u - nodes[j]) / np.maximum(nodes[j + 1] - nodes[j], 1e-12)
+    out[np.arange(len(u)), j] = 1 - a
+    out[np.arange(len(u)), j + 1] += a
+    return out
+
+
+def interpolated_log_likelihoods(prepared, node_maps, nodes, u, noise_psd, *, pad_factor: int = 2) -> np.ndarray:
+    """Log-likelihood [N] of every image under the node maps interpolated at its u_i.
+
+    ``-1/2 sum_k h(k) |y_i - c_i P_i sum_j a_ij V_j|^2`` (+ const), a_ij the linear
+    interpolation weights; the slices of all node maps are taken in one pass.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhet.core._slicing import _trilinear_corners
+    from ._linear import _coords, _gather, _grids, _noise_weights, linear_operators
+
+    ops = linear_operators(prepared.box_size, prepared.fs, None, pad_factor)
+    h = _noise_weights(ops, noise_psd)
+    A = np.concatenate([_interp_weights(nodes, u), np.zeros((1, len(nodes)), np.float32)])  # row -1: padding
+    A = jnp.asarray(A)
+    grids = _grids(ops, jnp.asarray(np.asarray(node_maps, np.float32)))
+    out = np.zeros(prepared.n_images)
+
+    @jax.jit
+    def ll_batch(batch):
+        idx, w = _trilinear_corners(_coords(ops, batch.rotations), ops.padded_size)
+        s = _gather(grids, idx, w)  # [B, K, J]
+        model = jnp.einsum("bkj,bj->bk", s, A[batch.indices].astype(s.dtype))
+        r = batch.y - batch.ctf * model
+        return -0.5 * jnp.sum(h[None] * jnp.abs(r) ** 2, 1)
+
+    for batch in prepared.batches():
+        ll = np.asarray(ll_batch(batch))
+        idx = np.asarray(batch.indices)
+        keep = idx >= 0
+        out[idx[keep]] = ll[keep]
+    return out
+
+
+def select_bandwidth(batches_fn, prepared, u, candidates=(0.05, 0.1, 0.2, 0.35), *, n_nodes: int = 15,
+                     noise_psd=None, mask=None, seed: int = 0, **kw) -> tuple[float, dict]:
+    """Kernel width by held-out likelihood: node maps from one half of the images, the
+    log-likelihood of the other half under the maps interpolated at their coordinates.
+
+    Returns ``(best bandwidth, {bandwidth: held-out mean log-likelihood per image})``.
+    """
+    from ._linear import noise_psd_from_residuals
+    from ._reconstruct import random_half
+
+    N = len(u)
+    half = random_half(np.arange(N), seed)
+    nodes = np.linspace(0.0, 1.0, int(n_nodes)).astype(np.float32)
+    scores = {}
+    for h in candidates:
+        w = kernel_weights(u, nodes, h) * (half == 0)[:, None]
+        maps, _ = node_reconstructions(batches_fn, w, mask=mask, **kw)
+        if noise_psd is None:
+            noise_psd = noise_psd_from_residuals(prepared, maps[len(maps) // 2])
+        ll = interpolated_log_likelihoods(prepared, maps, nodes, u, noise_psd)
+        scores[float(h)] = float(ll[half == 1].mean())
+    best = max(scores, key=scores.get)
+    return best, scores
+
+
+def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 15, bandwidth: float | str = 0.2,
                      n_neighbors: int = 32, mask=None, batch_size: int = 256, pad_factor: int = 2,
                      ctf_sign: str = "relion", coordinate=None, min_weight: float = 1e-3, refine_iter: int = 0,
-                     prepared=None, noise_psd=None, progress: bool = False) -> SpectralVolumes:
+                     prepared=None, noise_psd=None, bandwidth_candidates=(0.05, 0.1, 0.2, 0.35),
+                     progress: bool = False) -> SpectralVolumes:
     """Diffusion-map embedding of per-image latents and kernel reconstructions along it.
 
     Args:
@@ -318,7 +396,9 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandw
             fields, e.g. ``lambda: array_batches(...)``); batch ``indices`` index latents.
         latents: [N, K] per-image coordinates (e.g. PPCA posterior means).
         n_nodes: J nodes, evenly spaced on [0, 1] in the rank coordinate u.
-        bandwidth: kernel width h in u units (fraction of the images).
+        bandwidth: kernel width h in u units (fraction of the images), or ``"auto"``:
+            chosen among ``bandwidth_candidates`` by held-out likelihood
+            (:func:`select_bandwidth`; needs ``prepared`` or builds it).
         n_neighbors: k of the diffusion-map kernel.
         mask: optional [D, D, D] mask multiplied into the node maps.
         coordinate: optional [N] coordinate to use instead of the first diffusion
@@ -350,13 +430,26 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 25, bandw
         batches_fn = dataset_or_batches_fn
     kw = dict(mask=mask, batch_size=batch_size, pad_factor=pad_factor, ctf_sign=ctf_sign, min_weight=min_weight,
               progress=progress)
+
+    def _prepared():
+        from ._linear import prepare_images
+        return prepared if prepared is not None else prepare_images(
+            dataset_or_batches_fn if hasattr(dataset_or_batches_fn, "batches") else batches_fn,
+            batch_size=batch_size, ctf_sign=ctf_sign)
+
+    if isinstance(bandwidth, str):
+        if bandwidth != "auto":
+            raise ValueError(f"bandwidth must be a number or 'auto', got {bandwidth!r}")
+        prepared = _prepared()
+        bandwidth, scores = select_bandwidth(batches_fn, prepared, u, bandwidth_candidates, n_nodes=n_nodes,
+                                             noise_psd=noise_psd, **kw)
+        if progress:
+            print(f"  bandwidth {bandwidth} (held-out log-likelihood per image: {scores})", flush=True)
     weights = kernel_weights(u, nodes, bandwidth)
     maps, res = node_reconstructions(batches_fn, weights, **kw)
     for it in range(int(refine_iter)):
-        from ._linear import noise_psd_from_residuals, prepare_images
-        if prepared is None:
-            prepared = prepare_images(dataset_or_batches_fn if hasattr(dataset_or_batches_fn, "batches")
-                                      else batches_fn, batch_size=batch_size, ctf_sign=ctf_sign)
+        from ._linear import noise_psd_from_residuals
+        prepared = _prepared()
         if noise_psd is None:
             noise_psd = noise_psd_from_residuals(prepared, maps[len(maps) // 2])
         ll = node_log_likelihoods(prepared, maps, noise_psd, pad_factor=pad_factor)

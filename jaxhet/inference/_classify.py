@@ -51,6 +51,7 @@ import numpy as np
 from jaxhet.core import CTFParams, ctf as ctf_fn, gather_trilinear, local_rotation_grid, origin_to_shift, \
     prepare_volume, rfft2_centered, shift_phase
 
+from ._checkpoint import load_state_npz, save_state_npz
 from ._reconstruct import ReconstructionState, backproject_slices, finalize_reconstruction, frequency_set, \
     random_half
 
@@ -549,24 +550,12 @@ def classification_step(state: ClassificationState, source, config: Classificati
 
 def save_classification_state(path: str, state: ClassificationState, config: ClassificationConfig) -> None:
     """Write a state (and its config) to an ``.npz`` atomically."""
-    import json
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __config__=np.frombuffer(json.dumps(config._asdict()).encode(), np.uint8),
-             **{k: np.asarray(v) for k, v in state._asdict().items()})
-    os.replace(tmp, path)
+    save_state_npz(path, state, config)
 
 
 def load_classification_state(path: str) -> tuple[ClassificationState, ClassificationConfig]:
     """Read a state written by :func:`save_classification_state`."""
-    import json
-    with np.load(path) as f:
-        cfg = ClassificationConfig(**json.loads(bytes(f["__config__"]).decode()))
-        fields = {}
-        for k in ClassificationState._fields:
-            v = f[k]
-            fields[k] = v.item() if v.ndim == 0 else v
-    fields["iteration"] = int(fields["iteration"])
-    return ClassificationState(**fields), cfg
+    return load_state_npz(path, ClassificationState, ClassificationConfig)
 
 
 def classify(source, n_classes: int = 2, n_iterations: int = 20, *, config: ClassificationConfig | None = None,

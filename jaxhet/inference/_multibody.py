@@ -57,6 +57,7 @@ from jaxhet.core import CTFParams, ctf as ctf_fn, local_rotation_grid, matrix_to
     prepare_volume, rfft2_centered, rotate_image_frequencies, shift_phase
 from jaxhet.models._multibody import MultiBodyModel, body_centers, body_image_poses, motion_matrices
 
+from ._checkpoint import load_state_npz, save_state_npz
 from ._classify import _padded_batches, _source_info
 from ._reconstruct import ReconstructionState, backproject_slices, finalize_reconstruction, frequency_set, \
     random_half, reconstruct
@@ -479,20 +480,13 @@ def multibody_step(state: MultiBodyState, source, config: MultiBodyConfig = Mult
 
 
 def save_multibody_state(path: str, state: MultiBodyState, config: MultiBodyConfig) -> None:
-    import json
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __config__=np.frombuffer(json.dumps(config._asdict()).encode(), np.uint8),
-             **{k: np.asarray(v) for k, v in state._asdict().items()})
-    os.replace(tmp, path)
+    """Write a state (and its config) to an ``.npz`` atomically."""
+    save_state_npz(path, state, config)
 
 
 def load_multibody_state(path: str) -> tuple[MultiBodyState, MultiBodyConfig]:
-    import json
-    with np.load(path) as f:
-        cfg = MultiBodyConfig(**json.loads(bytes(f["__config__"]).decode()))
-        fields = {k: (f[k].item() if f[k].ndim == 0 else f[k]) for k in MultiBodyState._fields}
-    fields["iteration"] = int(fields["iteration"])
-    return MultiBodyState(**fields), cfg
+    """Read a state written by :func:`save_multibody_state`."""
+    return load_state_npz(path, MultiBodyState, MultiBodyConfig)
 
 
 def multibody_refine(source, masks, consensus=None, n_iterations: int = 5, *, config: MultiBodyConfig | None = None,

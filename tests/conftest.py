@@ -72,3 +72,43 @@ def atoms(rng):
     m = rng.uniform(1.0, 10.0, n).astype(np.float32)
     sig = (rng.uniform(1.0, 1.5, n) * a).astype(np.float32)
     return jnp.asarray(pos), jnp.asarray(m), jnp.asarray(sig), D, a
+
+
+# --------------------------------------------------------------------------------------
+# Opt-in CPU-time report (robust to a loaded machine, unlike --durations' wall time):
+#   JAXHET_CPU_REPORT=cpu_times.json pytest -q
+# records user+system CPU seconds of each test (this process and its finished
+# subprocesses) and prints the 25 most expensive at the end.
+# --------------------------------------------------------------------------------------
+import os as _os
+
+_CPU_TIMES: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    t = _os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _os.environ.get("JAXHET_CPU_REPORT"):
+        yield
+        return
+    t0 = _cpu_now()
+    yield
+    _CPU_TIMES[item.nodeid] = _cpu_now() - t0
+
+
+def pytest_terminal_summary(terminalreporter):
+    path = _os.environ.get("JAXHET_CPU_REPORT")
+    if not path or not _CPU_TIMES:
+        return
+    import json
+
+    with open(path, "w") as f:
+        json.dump(_CPU_TIMES, f, indent=1)
+    total = sum(_CPU_TIMES.values())
+    terminalreporter.write_line(f"CPU seconds: {total:.0f} in {len(_CPU_TIMES)} tests (written to {path}); top 25:")
+    for k, v in sorted(_CPU_TIMES.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"  {v:7.1f}  {k}")

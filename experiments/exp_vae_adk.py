@@ -205,9 +205,56 @@ def stage_evaluate(a):
               f"{row[6]:7.0f}")
 
 
+def stage_tune(a):
+    """Per-epoch metrics of one jaxhet configuration (in-process; for choosing settings).
+
+    ``--set key=value,...`` overrides :class:`jaxhet.inference.VAEConfig` fields (protocol
+    architecture otherwise); after every epoch: Spearman |rho| of PC1 and the mean FSC-AUC
+    over the same 100 evaluation images as ``--stage evaluate``. Recorded under
+    ``tune_<tag>`` in the results JSON.
+    """
+    import dataclasses
+    from jaxhet import io as jio
+    from jaxhet.cli._evalvol import maps_at_latents
+    from jaxhet.inference import VAEConfig, train_vae
+    labels = np.load(os.path.join(a.data, "labels.npy"))
+    gt = _gt_maps(a.data)
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), 100, replace=False))
+    table = jio.read_particles(f"{a.data}/particles.mrcs", poses=f"{a.data}/poses.pkl", ctf=f"{a.data}/ctf.pkl")
+    data = jio.ParticleDataset(table)
+    import ast
+    over = {}
+    for kv in filter(None, (a.set or "").split(",")):
+        k, v = kv.split("=")
+        try:
+            over[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            over[k] = v
+    cfg = VAEConfig(zdim=8, enc_dim=256, enc_layers=3, dec_dim=256, dec_layers=3, batch_size=a.batch_size,
+                    seed=0, **over)
+    out = os.path.join(a.work, f"tune_{a.tag}")
+    rows = []
+    for e in range(1, a.epochs + 1):
+        t0 = time.time()
+        res = train_vae(data, out, dataclasses.replace(cfg, epochs=e), resume=e > 1 or
+                        os.path.exists(os.path.join(out, "checkpoint.npz")), progress=False,
+                        write_outputs=e == a.epochs)
+        if len(res.history) < e:
+            continue
+        maps = maps_at_latents(res.decoder, res.latents[idx], int(data.image_size), float(data.pixel_size_in_angstroms))
+        auc = float(np.mean(_fsc_auc_mean(maps, labels[idx], gt)))
+        rho = _spearman_pc1(np.asarray(res.latents, np.float64), labels)
+        h = res.history[e - 1]
+        rows.append(dict(epoch=e, rho=rho, fsc_auc=auc, loss=h["loss"], nll=h["nll"], kl=h["kl"],
+                         images_per_second=h["images_per_second"]))
+        print(f"[{a.tag}] epoch {e}: rho {rho:.3f}  FSC-AUC {auc:.4f}  nll {h['nll']:.5g}  kl {h['kl']:.3g}  "
+              f"{h['images_per_second']:.0f} img/s  ({time.time() - t0:.0f} s)", flush=True)
+        _record(f"tune_{a.tag}", dict(overrides=over, out=out, epochs=rows))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate"])
+    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate", "tune"])
     p.add_argument("--data", default=os.path.join(ROOT, "experiments", "out", "vae_adk_d32"))
     p.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "vae_adk_runs"))
     p.add_argument("--n", type=int, default=10000)
@@ -215,11 +262,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tag", default=None)
     p.add_argument("--only", default=None, help="evaluate: only these runs (comma-separated keys)")
+    p.add_argument("--set", default=None, help="tune: VAEConfig overrides key=value,... (e.g. window=0,beta=1)")
     a = p.parse_args()
     a.tag = a.tag or f"e{a.epochs}"
     os.makedirs(a.work, exist_ok=True)
     dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, finalize=stage_finalize,
-         evaluate=stage_evaluate)[a.stage](a)
+         evaluate=stage_evaluate, tune=stage_tune)[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from flax import nnx
 from jaxhet.core import (CTFParams, gaussian_atoms_volume, prepare_volume, random_rotations, render_batch,
                          render_fourier, voxel_fourier_fn, rfft2_centered, axis_angle_to_matrix)
 from jaxhet.inference import InMemoryParticles, VAEConfig, train_vae, sparse_adam_update, load_vae
-from jaxhet.inference._vae import _Batch, _static, _VAE, vae_loss_terms
+from jaxhet.inference._vae import _Batch, _static, _VAE, encode_batch, real_space_window, vae_loss_terms
 from jaxhet.models import CryoDRGNDecoder, VoxelModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +81,45 @@ def test_loss_uses_the_core_forward_model(rng):
         want = 0.5 * np.sum(st.wts * r) / (D * D * 2.0)
         np.testing.assert_allclose(float(t["nll"][i]), want, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(t["kl"]), 0.5 * np.sum(np.asarray(latents) ** 2, -1), rtol=1e-5)
+
+
+def test_real_space_window_is_cryodrgns():
+    """1 inside 0.85 D/2, 0 beyond 0.99 D/2, linear in between (cryoDRGN spherical_window_mask)."""
+    D = 32
+    w = real_space_window(D)
+    c = D // 2
+    assert w.shape == (D, D) and w[c, c] == 1.0
+    assert w[c, c + 13] == 1.0                      # r = 13/16 = 0.8125 < 0.85
+    np.testing.assert_allclose(w[c, c + 14], 1 - (14 / 16 - 0.85) / 0.14, rtol=1e-6)  # r = 0.875
+    assert w[0, 0] == 0.0 and w[c, 0] == 0.0        # corner; r = 1.0 > 0.99
+    np.testing.assert_allclose(w[c + 9, c + 12], 1 - (15 / 16 - 0.85) / 0.14, rtol=1e-6)  # r = 15/16
+
+
+def test_windowed_loss_and_encoder_see_the_windowed_image(rng):
+    """With a window, the likelihood target is the DFT of (window * image); the encoder's
+    input is built from the same windowed image (so noise in the corners reaches neither)."""
+    src, _, _ = make_two_state(n=8, snr=1.0)
+    D, a = 16, 4.0
+    st_w = _static(D, a, "hartley", "relion", (0.85, 0.99))
+    st_0 = _static(D, a, "hartley", "relion")
+    b = src.get_batch(np.arange(8))
+    from jaxhet.models import create_encoder
+    rngs = nnx.Rngs(0)
+    dec = CryoDRGNDecoder(D, a, 2, hidden_dim=16, n_layers=1, output_scale=3.0, rngs=rngs)
+    vae = _VAE(create_encoder("mlp", D, 2, 16, 1, rngs=rngs), dec)
+    win = real_space_window(D)
+    mk = lambda im: _Batch(jnp.asarray(im), jnp.asarray(b.rotations), -jnp.asarray(b.origin_in_pixels), b.ctf,
+                           jnp.arange(8), jnp.ones(8))
+    t_w = vae_loss_terms(vae, st_w, mk(b.images), jax.random.key(0), {}, 2.0, train=False)
+    t_0 = vae_loss_terms(vae, st_0, mk(b.images * win), jax.random.key(0), {}, 2.0, train=False)
+    np.testing.assert_allclose(np.asarray(t_w["nll"]), np.asarray(t_0["nll"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(t_w["mu"]), np.asarray(t_0["mu"]), rtol=1e-4, atol=1e-6)
+    t_raw = vae_loss_terms(vae, st_0, mk(b.images), jax.random.key(0), {}, 2.0, train=False)
+    assert np.all(np.abs(np.asarray(t_raw["nll"]) - np.asarray(t_w["nll"])) > 1e-3 * np.asarray(t_w["nll"]))
+    # the encoder-only path gives the same posterior as the loss terms
+    mu, lv = encode_batch(vae, st_w, mk(b.images), {})
+    np.testing.assert_allclose(np.asarray(mu), np.asarray(t_w["mu"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lv), np.asarray(t_w["logvar"]), rtol=1e-5, atol=1e-6)
 
 
 def test_vae_separates_two_states(tmp_path):

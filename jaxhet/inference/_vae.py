@@ -64,7 +64,7 @@ from jaxhet.models import (CryoDRGNDecoder, create_encoder, encoder_input, hartl
 from jaxhet.models._encoders import ENCODER_INPUT
 
 __all__ = ["VAEConfig", "VAETrainState", "VAEResult", "InMemoryParticles", "train_vae", "encode_latents",
-           "load_vae", "vae_loss_terms", "sparse_adam_update", "make_mesh", "VAE_FILES"]
+           "load_vae", "vae_loss_terms", "encode_batch", "real_space_window", "sparse_adam_update", "make_mesh", "VAE_FILES"]
 
 VAE_FILES = dict(checkpoint="checkpoint.npz", config="config.json", model="model.npz", encoder="encoder.npz",
                  latents="latents.npy", logvar="latents_logvar.npy", zpkl="z.pkl", poses="pose_corrections.npy",
@@ -90,6 +90,9 @@ class VAEConfig:
             before ``pose_refine_start`` (1-based) keep poses fixed).
         ctf_sign: "relion" (data as RELION writes it) or "cryodrgn".
         downsample: train on images Fourier-cropped to this box (None: full size).
+        window, window_r, window_outer: multiply every image by cryoDRGN's soft circular
+            window (1 inside ``window_r``, 0 beyond ``window_outer``, fractions of D/2)
+            before the encoder and the likelihood see it (cryoDRGN's default).
     """
 
     zdim: int = 8
@@ -113,6 +116,9 @@ class VAEConfig:
     pose_refine_start: int = 2
     ctf_sign: str = "relion"
     downsample: int | None = None
+    window: bool = True
+    window_r: float = 0.85
+    window_outer: float = 0.99
 
     def resolved_beta(self) -> float:
         return 1.0 / self.zdim if self.beta is None else float(self.beta)
@@ -233,13 +239,52 @@ class _Static(NamedTuple):
     wts: np.ndarray          # [n_k] half-plane weights
     enc_input: str | None    # "hartley" | "real" | "image" | None (autodecoder)
     ctf_sign: str
+    window: tuple | None = None  # (inner, outer) radii of the real-space window, fractions of D/2
 
 
-def _static(box_size: int, pixel_size: float, enc_input, ctf_sign) -> _Static:
+def real_space_window(box_size: int, inner: float = 0.85, outer: float = 0.99) -> np.ndarray:
+    """cryoDRGN's soft circular window [D, D]: 1 inside ``inner``, 0 beyond ``outer``, linear between.
+
+    Radii are fractions of D/2 around the centre pixel D//2 (cryoDRGN's
+    ``spherical_window_mask(D, in_rad=0.85, out_rad=0.99)``, applied to every image before
+    its Fourier transform). Multiplying the images by it removes the noise in the corners,
+    where a centred particle has no signal, from both the encoder's input and the
+    reconstruction target.
+    """
+    x = (np.arange(box_size) - box_size // 2) / (box_size / 2)
+    r = np.sqrt(x[:, None] ** 2 + x[None, :] ** 2)
+    if outer <= inner:
+        return (r <= outer).astype(np.float32)
+    return np.clip(1.0 - (r - inner) / (outer - inner), 0.0, 1.0).astype(np.float32)
+
+
+def _static(box_size: int, pixel_size: float, enc_input, ctf_sign, window: tuple | None = None) -> _Static:
     idx = hartley_mask_indices(box_size)
     k2 = half_frequency_grid_2d(box_size).reshape(-1, 2)[idx]
     w = half_plane_weights(box_size).ravel()[idx]
-    return _Static(box_size, pixel_size, idx, k2.astype(np.float32), w.astype(np.float32), enc_input, ctf_sign)
+    win = None if window is None else (float(window[0]), float(window[1]))
+    return _Static(box_size, pixel_size, idx, k2.astype(np.float32), w.astype(np.float32), enc_input, ctf_sign,
+                   win)
+
+
+def _data_ft(st: _Static, images):
+    """Windowed (if configured) image DFTs: full half layout and the values on K."""
+    if st.window is not None:
+        images = images * jnp.asarray(real_space_window(st.box_size, *st.window))
+    y_full = rfft2_centered(images)
+    return y_full, y_full.reshape(y_full.shape[0], -1)[:, jnp.asarray(st.k_idx)]
+
+
+def encode_batch(vae: "_VAE", st: _Static, batch: "_Batch", tables: dict):
+    """Posterior means and log-variances (None for the autodecoder) of a batch (no decoder)."""
+    if st.enc_input is None:
+        return jnp.take(tables["latent"], batch.indices, axis=0, mode="clip"), None
+    y_full, y_k = _data_ft(st, batch.images)
+    pose_rows = jnp.take(tables["pose"], batch.indices, axis=0, mode="clip") if "pose" in tables else None
+    _, c, ph, _ = _batch_geometry(st, batch, pose_rows)
+    dec = vae.decoder
+    scale = dec.output_scale[...] if hasattr(dec, "output_scale") else 1.0
+    return vae.encoder(_encoder_features(st, y_full, y_k, c, ph, scale))
 
 
 def _batch_geometry(st: _Static, batch: _Batch, pose_rows):
@@ -278,8 +323,7 @@ def vae_loss_terms(vae: _VAE, st: _Static, batch: _Batch, key, tables: dict, noi
     Returns dict with ``nll`` [B], ``kl`` [B], ``mu`` [B, z], ``logvar`` [B, z] or None.
     """
     D = st.box_size
-    y_full = rfft2_centered(batch.images)
-    y_k = y_full.reshape(y_full.shape[0], -1)[:, jnp.asarray(st.k_idx)]
+    y_full, y_k = _data_ft(st, batch.images)
     pose_rows = jnp.take(tables["pose"], batch.indices, axis=0, mode="clip") if "pose" in tables else None
     R, c, ph, k_phys = _batch_geometry(st, batch, pose_rows)
     dec = vae.decoder
@@ -436,7 +480,7 @@ _JIT_CACHE: dict = {}
 
 
 def _static_key(st: _Static):
-    return (st.box_size, st.pixel_size, st.enc_input, st.ctf_sign)
+    return (st.box_size, st.pixel_size, st.enc_input, st.ctf_sign, st.window)
 
 
 def _make_step(graphdef, st: _Static, tx, cfg: VAEConfig, repl, data_sh):
@@ -493,11 +537,10 @@ def _make_encode(graphdef, st: _Static, repl):
     except (KeyError, TypeError):
         pass
 
-    def enc(params, rest, tables, batch: _Batch, noise_variance):
+    def enc(params, rest, tables, batch: _Batch, noise_variance=None):
         vae = nnx.merge(graphdef, params, rest)
-        t = vae_loss_terms(vae, st, batch, jax.random.key(0), tables, noise_variance, train=False)
-        lv = t["logvar"] if t["logvar"] is not None else jnp.zeros_like(t["mu"])
-        return t["mu"], lv
+        mu, lv = encode_batch(vae, st, batch, tables)
+        return mu, (lv if lv is not None else jnp.zeros_like(mu))
 
     fn = jax.jit(enc, out_shardings=repl)
     try:
@@ -559,7 +602,9 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
     if resume:  # the checkpoint's configuration wins (same run)
         with np.load(ckpt_path) as f:
             old = json.loads(bytes(f["__meta__"]).decode())
-        saved = VAEConfig(**old["config"])
+        oc = dict(old["config"])
+        oc.setdefault("window", False)  # checkpoints from before the window option trained without it
+        saved = VAEConfig(**oc)
         saved.epochs = cfg.epochs  # allow extending a finished run
         cfg = saved
 
@@ -594,7 +639,7 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
     state = jax.device_put(state, repl)
     rest = jax.device_put(rest, repl)
     enc_input = None if cfg.encoder == "autodecoder" else ENCODER_INPUT[cfg.encoder]
-    st = _static(D, a, enc_input, cfg.ctf_sign)
+    st = _static(D, a, enc_input, cfg.ctf_sign, (cfg.window_r, cfg.window_outer) if cfg.window else None)
     step_fn = _make_step(graphdef, st, tx, cfg, repl, data_sh)
     nv = jnp.asarray(noise_variance, jnp.float32)
     beta = jnp.asarray(cfg.resolved_beta(), jnp.float32)

@@ -96,6 +96,11 @@ def register(sub) -> None:
                    help="half-map FSC for the Wiener filter: inside the solvent mask or over the whole box")
     p.add_argument("--no-gridding-correction", action="store_true", help="skip the sinc^2 correction")
     p.add_argument("--mask", default=None, help="mask .mrc for the masked FSC (default: automatic solvent mask)")
+    p.add_argument("--mask-diameter", type=float, default=None, metavar="A",
+                   help="diameter (A) of the soft spherical mask applied to the maps (RELION softMaskOutsideMap, "
+                        "3 px cosine edge, outside set to its mean); default: the box (radius D/2, as "
+                        "relion_reconstruct)")
+    p.add_argument("--no-outer-mask", action="store_true", help="do not mask the maps outside the sphere")
     p.set_defaults(func=run)
 
 
@@ -116,10 +121,16 @@ def run(args) -> int:
         mask, _ = read_mrc(args.mask)
         if mask.shape != (ds.image_size,) * 3:
             raise JaxhetInputError(f"{args.mask}: mask shape {mask.shape} does not match box {ds.image_size}")
+    radius_px = None
+    if args.mask_diameter is not None:
+        if args.mask_diameter <= 0:
+            raise JaxhetInputError(f"--mask-diameter must be > 0, got {args.mask_diameter}")
+        radius_px = args.mask_diameter / 2.0 / float(ds.pixel_size_in_angstroms)
     t0 = time.time()
     res = reconstruct(ds, batch_size=args.batch_size, pad_factor=args.pad, seed=args.seed,
                       tau2_fudge=args.tau2_fudge, wiener=args.wiener, snr_from=args.snr_from,
-                      gridding_correction=not args.no_gridding_correction, mask=mask, progress=True)
+                      gridding_correction=not args.no_gridding_correction, mask=mask, progress=True,
+                      outer_mask=not args.no_outer_mask, outer_mask_radius=radius_px)
     dt = time.time() - t0
     write_reconstruction(res, paths, args.force, title=os.path.basename(args.output))
     print(f"reconstructed {len(ds)} particles (box {ds.image_size}, {res.pixel_size:.4g} A/px) in {dt:.1f} s; "

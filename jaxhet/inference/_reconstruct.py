@@ -23,8 +23,13 @@ noise variance cancels in this ratio the filter needs no noise estimate. The sam
 combined map ``(N_1 + N_2) / (W_1 + W_2 + 1/tau^2)``, whose SNR is twice the half maps'
 (the 2 FSC / (1 + FSC) relation of Rosenthal & Henderson 2003).
 
-Back to real space: inverse FFT of the padded grid, crop to D, and (optionally) divide by
-the sinc^2 apodisation of the trilinear kernel (gridding correction).
+Back to real space: inverse FFT of the padded grid, crop to D, (optionally) divide by
+the sinc^2 apodisation of the trilinear kernel (gridding correction), and mask the outside
+of a sphere as RELION's ``BackProjector::reconstruct`` ends (``softMaskOutsideMap``: radius
+D/2 by default, raised-cosine edge of 3 px, outside replaced by the mean of the outside;
+:func:`soft_mask_outside_map`). The gridding correction amplifies the noise towards the box
+corners, where there is no signal; the mask removes it (it is what an unmasked FSC against
+the truth counts: experiments/exp_reconstruct_adk.py).
 
 Streaming: :func:`reconstruct` consumes batches (a ``jaxhet.io.ParticleDataset``, or any
 iterable of objects with ``images, rotations, origin_in_pixels, ctf, indices,
@@ -55,6 +60,7 @@ __all__ = [
     "init_reconstruction", "backproject_slices", "backproject_images", "symmetrized_grids",
     "grid_to_map", "wiener_regularizer", "wiener_filter", "shell_mean", "snr_from_fsc", "finalize_reconstruction", "reconstruct",
     "array_batches", "ArrayDataset", "random_half", "batch_ctf", "batch_image_ft", "accumulate_batches",
+    "soft_mask_outside_map",
 ]
 
 
@@ -376,6 +382,39 @@ def grid_to_map(spectrum: Complex[Array, "p p p"], box_size: int, gridding_corre
     return np.asarray(v, np.float32)
 
 
+def soft_mask_outside_map(volume, radius: float | None = None, cosine_width: float = 3.0) -> np.ndarray:
+    """RELION's ``softMaskOutsideMap``: keep the map inside a sphere, background outside.
+
+    With r the distance (px) from the box centre D//2, ``r0 = radius`` (default D/2) and
+    ``r1 = r0 + cosine_width``, the background weight is
+    ``b(r) = 0`` (r < r0), ``1`` (r > r1), ``(1 + cos(pi (r1 - r) / w)) / 2`` between, and
+
+        V'(x) = (1 - b) V(x) + b * mean_b(V),   mean_b(V) = sum b V / sum b
+
+    (the outside is replaced by its own weighted mean, not by zero). Works on [..., D, D, D].
+
+    Args:
+        volume: [..., D, D, D] map(s).
+        radius: sphere radius in pixels (default D/2, as RELION's reconstruct).
+        cosine_width: width of the raised-cosine edge in pixels.
+
+    Returns:
+        the masked map(s), float32.
+    """
+    v = np.asarray(volume, np.float64)
+    D = v.shape[-1]
+    r0 = D / 2.0 if radius is None else float(radius)
+    w = max(float(cosine_width), 1e-6)
+    r1 = r0 + w
+    f = np.arange(D) - D // 2
+    r = np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2)
+    b = np.where(r < r0, 0.0, np.where(r > r1, 1.0, 0.5 + 0.5 * np.cos(np.pi * (r1 - r) / w)))
+    if b.sum() == 0:
+        return v.astype(np.float32)
+    bg = (v * b).sum(axis=(-3, -2, -1), keepdims=True) / b.sum()
+    return ((1.0 - b) * v + b * bg).astype(np.float32)
+
+
 def snr_from_fsc(fsc_curve, fsc_clip: tuple[float, float] = (0.001, 0.999)) -> np.ndarray:
     """Half-map SNR per shell, ``FSC / (1 - FSC)`` with FSC clipped (RELION ``updateSSNRarrays``)."""
     f = np.clip(np.asarray(fsc_curve, np.float64), *fsc_clip)
@@ -424,7 +463,8 @@ class ReconstructionResult(NamedTuple):
     """Output of :func:`finalize_reconstruction` (numpy arrays).
 
     volume [D, D, D] (Wiener-filtered full map), half_maps [2, D, D, D] (Wiener-filtered
-    with the half-map SNR), fsc_unmasked and fsc_masked [D//2] (half maps), mask
+    with the half-map SNR; both outside-masked as :func:`soft_mask_outside_map` unless
+    disabled), fsc_unmasked and fsc_masked [D//2] (half maps), mask
     [D, D, D] (soft solvent mask used for fsc_masked), snr [D//2] (half-map SNR from the
     FSC used for the filter), resolution_0143 / resolution_05 (A, masked FSC), pixel_size (A),
     n_images [2].
@@ -444,13 +484,15 @@ class ReconstructionResult(NamedTuple):
 
 def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, snr=None, tau2_fudge: float = 1.0,
                             wiener: str = "shell", snr_from: str = "masked", gridding_correction: bool = True, mask=None,
-                            weight_floor: float = 0.01, max_resolution_in_angstroms: float | None = None
-                            ) -> ReconstructionResult:
+                            weight_floor: float = 0.01, max_resolution_in_angstroms: float | None = None,
+                            outer_mask: bool = True, outer_mask_radius: float | None = None,
+                            outer_mask_width: float = 3.0) -> ReconstructionResult:
     """Half maps, FSC, Wiener filter, full map, mask, masked FSC and resolutions.
 
     Steps: (1) unregularised half maps ``N_h / max(W_h, floor)`` (floor = ``weight_floor``
     x the shell mean of W, which only matters in sampling holes and at CTF zeros) and full
-    map, and the solvent mask of the full map; (2) the half maps' FSC, inside the mask by
+    map, and the solvent mask of the full map; (2) the FSC of the half maps masked outside
+    a sphere (:func:`soft_mask_outside_map`, RELION's ``softMaskOutsideMap``; ``outer_mask``), inside the mask by
     default (RELION's --solvent_correct_fsc: the SNR of the particle, not of the box),
     gives SNR_half = FSC / (1 - FSC) (unless ``snr`` is given); (3) Wiener filter:
 
@@ -477,6 +519,12 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
         weight_floor: see step (1).
         max_resolution_in_angstroms: zero the spectrum beyond this resolution (e.g. a
             refinement's current limit); None = Nyquist.
+        outer_mask: apply :func:`soft_mask_outside_map` to the half maps whose FSC gives
+            the SNR and, last, to the filtered outputs (RELION ``BackProjector::reconstruct``
+            masks after the Wiener-regularised inversion).
+        outer_mask_radius: its radius in pixels (default D/2; a particle radius, as
+            RELION's ``--particle_diameter`` / 2, masks more solvent).
+        outer_mask_width: its raised-cosine edge in pixels (3 as RELION).
     """
     from jaxhet.analysis._masks import solvent_mask
 
@@ -497,15 +545,18 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
     def floor_of(wg):
         return jnp.asarray(weight_floor * shell_mean(wg, pf, n_sh).astype(np.float32))[shc] + 1e-30
 
+    def outside(v):
+        return soft_mask_outside_map(v, outer_mask_radius, outer_mask_width) if outer_mask else v
+
     den = [jnp.maximum(w[h], floor_of(w[h])) for h in (0, 1)]
     raw = [grid_to_map(num[h] / den[h], D, gridding_correction) for h in (0, 1)]
     wf = w[0] + w[1]
     raw_full = grid_to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf)), D, gridding_correction)
     if mask is None:
-        mask = solvent_mask(raw_full, pixel_size)
+        mask = solvent_mask(outside(raw_full), pixel_size)
     mask = np.asarray(mask, np.float32)
     if snr is None:
-        snr = snr_from_fsc(fsc(raw[0], raw[1], mask if snr_from == "masked" else None))
+        snr = snr_from_fsc(fsc(outside(raw[0]), outside(raw[1]), mask if snr_from == "masked" else None))
     snr = np.asarray(snr, np.float64) * tau2_fudge
     if wiener == "voxel":
         reg = jnp.asarray(wiener_regularizer(0.5 * (w[0] + w[1]), snr, pf))
@@ -517,6 +568,8 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
         if wiener == "shell":
             halves = np.stack([wiener_filter(m, snr) for m in halves])
             full = wiener_filter(full, 2.0 * snr)
+    # the outer mask comes last, after the filter, as in RELION's reconstruct
+    halves, full = outside(halves), outside(full)
     f_un = fsc(halves[0], halves[1])
     f_m = fsc(halves[0], halves[1], mask)
     return ReconstructionResult(full, halves, f_un, f_m, mask, (snr / tau2_fudge).astype(np.float32),
@@ -577,7 +630,8 @@ def accumulate_batches(state: ReconstructionState, batches: Iterable, *, batch_s
 def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 2, box_size: int | None = None,
                 seed: int = 0, ctf_sign: str = "relion", tau2_fudge: float = 1.0, wiener: str = "shell",
                 snr_from: str = "masked", gridding_correction: bool = True, mask=None,
-                progress: bool = False) -> ReconstructionResult:
+                progress: bool = False, outer_mask: bool = True, outer_mask_radius: float | None = None
+                ) -> ReconstructionResult:
     """Known-pose gold-standard reconstruction, streaming over batches.
 
     Args:
@@ -589,8 +643,8 @@ def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 
         box_size: map box (default: the images' box).
         seed: half-set split seed (see :func:`random_half`).
         ctf_sign: "relion" (default) or "cryodrgn".
-        tau2_fudge, wiener, snr_from, gridding_correction, mask: see
-            :func:`finalize_reconstruction`.
+        tau2_fudge, wiener, snr_from, gridding_correction, mask, outer_mask,
+            outer_mask_radius: see :func:`finalize_reconstruction`.
         progress: tqdm progress bar.
 
     Returns:
@@ -622,4 +676,5 @@ def reconstruct(dataset_or_batches, *, batch_size: int = 256, pad_factor: int = 
     state.numerator.block_until_ready()
     map_pixel = pix_img * np.asarray(first.images).shape[-1] / D
     return finalize_reconstruction(state, map_pixel, tau2_fudge=tau2_fudge, wiener=wiener, snr_from=snr_from,
-                                   gridding_correction=gridding_correction, mask=mask)
+                                   gridding_correction=gridding_correction, mask=mask, outer_mask=outer_mask,
+                                   outer_mask_radius=outer_mask_radius)

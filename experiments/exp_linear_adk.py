@@ -59,132 +59,172 @@ def fsc_aucs(maps_fn, sel, labels, gt):
     return np.asarray([map_fsc_auc(maps_fn(i), gt[labels[i]]) for i in sel])
 
 
+class _Clock:
+    """Wall and CPU (this process, all threads) seconds of each stage: the machine is shared,
+    so the CPU seconds are the fairer measure of work (wall time includes contention)."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+
+    def start(self):
+        self._t = (time.time(), time.process_time())
+
+    def stop(self, name):
+        w, c = self._t
+        self.wall[name] = time.time() - w
+        self.cpu[name] = time.process_time() - c
+
+
+def _child_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, bandwidth: float, nodes: int):
     from jaxhet import io as jio
     from jaxhet.inference import (default_mask, estimate_covariance, fit_ppca, noise_psd_from_residuals,
                                   posterior_coefficients, prepare_images, solve_mean, spectral_volumes)
-    T, R = {}, {}
-    t0 = time.time()
+    R = {}
+    clock = _Clock()
+    T, C = clock.wall, clock.cpu
+    clock.start()
     ds = jio.ParticleDataset(jio.read_particles(os.path.join(d, "particles.star"), datadir=d))
     data = prepare_images(ds, batch_size=256)
-    T["load"] = time.time() - t0
-    t = time.time()
+    clock.stop("load")
+    clock.start()
     mres = solve_mean(data)
-    T["mean_cg"] = time.time() - t
+    clock.stop("mean_cg")
     R["mean_cg_iterations"] = int(mres.cg.n_iter)
     R["mean_cg_residual"] = float(mres.cg.residual_norms[-1])
-    t = time.time()
+    clock.start()
     mask = default_mask(mres.volume, data.pixel_size)
     psd = noise_psd_from_residuals(data, mres.volume)
-    T["mask_noise"] = time.time() - t
-    t = time.time()
+    clock.stop("mask_noise")
+    clock.start()
     cov = estimate_covariance(data, mres.volume, psd, n_components=k, mask=mask)
-    T["covariance"] = time.time() - t
-    t = time.time()
+    clock.stop("covariance")
+    clock.start()
     vols_cov = np.concatenate([(mres.volume * mask)[None], cov.components])
     mu_cov, _, _ = posterior_coefficients(data, vols_cov, psd)
-    T["covariance_coefficients"] = time.time() - t
+    clock.stop("covariance_coefficients")
     R["covariance_eigenvalues"] = cov.eigenvalues.tolist()
     R["covariance_radius"] = cov.radius
-    t = time.time()
+    clock.start()
     pp = fit_ppca(data, k, mean_volume=mres.volume, mean_inv_tau2=mres.inv_tau2, init_components=cov.components,
                   mask=mask, noise_psd=psd,
                   n_iter=ppca_iters, tol=0, progress=True)
-    T["ppca"] = time.time() - t
+    clock.stop("ppca")
     R["ppca_log_evidence"] = [float(x) for x in pp.log_evidence]
     spec = {}
     for r in sorted({0, refine}):
-        t = time.time()
+        clock.start()
         sv = spectral_volumes(ds, pp.mu, n_nodes=nodes, bandwidth=bandwidth, mask=mask, refine_iter=r, prepared=data,
                               noise_psd=pp.noise_psd)
-        spec[r] = (sv, time.time() - t)
+        clock.stop(f"spectral_refine{r}")
+        spec[r] = sv
     np.savez(os.path.join(HERE, "results", "linear_adk_latents.npz"), ppca_mu=pp.mu, cov_mu=mu_cov,
-             u0=spec[0][0].u, u=spec[refine][0].u)
+             u0=spec[0].u, u=spec[refine].u)
     lab = labels
+
+    def tot(*names):
+        return dict(seconds=sum(T[n] for n in names), cpu_seconds=sum(C[n] for n in names))
+
     out = {}
     mean_masked = mres.volume * mask
+    base = ("load", "mean_cg", "mask_noise")
     out["mean map (CG, masked)"] = dict(
-        fsc_auc=float(fsc_aucs(lambda i: mean_masked, sel, lab, gt).mean()), spearman=None,
-        seconds=T["load"] + T["mean_cg"] + T["mask_noise"])
-    base = T["load"] + T["mean_cg"] + T["mask_noise"]
+        fsc_auc=float(fsc_aucs(lambda i: mean_masked, sel, lab, gt).mean()), spearman=None, **tot(*base))
     out["covariance (K=%d), V(b)" % k] = dict(
         fsc_auc=float(fsc_aucs(lambda i: vols_cov[0] + np.tensordot(mu_cov[i], vols_cov[1:], 1), sel, lab, gt).mean()),
         spearman=float(abs(spearmanr(mu_cov[:, 0], lab).correlation)),
-        seconds=base + T["covariance"] + T["covariance_coefficients"])
-    tp = base + T["covariance"] + T["ppca"]
+        **tot(*base, "covariance", "covariance_coefficients"))
+    tp = (*base, "covariance", "ppca")
     out["PPCA (K=%d), V(b)" % k] = dict(
         fsc_auc=float(fsc_aucs(lambda i: pp.volumes[0] + np.tensordot(pp.mu[i], pp.volumes[1:], 1), sel, lab,
                                gt).mean()),
-        spearman=float(abs(spearmanr(pp.mu[:, 0], lab).correlation)), seconds=tp)
-    for r, (sv, ts) in spec.items():
+        spearman=float(abs(spearmanr(pp.mu[:, 0], lab).correlation)), **tot(*tp))
+    for r, sv in spec.items():
         name = "PPCA + spectral volumes" + (f" (refined x{r})" if r else "")
         out[name] = dict(fsc_auc=float(fsc_aucs(lambda i: sv.map_of(sv.u[i]), sel, lab, gt).mean()),
                          spearman=float(abs(spearmanr(sv.u, lab).correlation)),
                          spearman_diffusion_coordinate=float(abs(spearmanr(sv.diffusion.coords[:, 0], lab).correlation)),
-                         seconds=tp + ts)
+                         **tot(*tp, f"spectral_refine{r}"))
+    R["stage_cpu_seconds"] = C
     return out, T, R
 
 
 def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str):
-    """RECOVAR pipeline + compute_state at the evaluation images' embeddings."""
+    """RECOVAR pipeline + compute_state at the evaluation images' embeddings.
+
+    Timings: wall seconds and CPU seconds (user + system of the child processes). A run
+    made here leaves ``jaxhet_timing.json`` in its output folder, so that a reused run
+    (``--recovar-out``, ``--recovar-states``) reports the time it took.
+    """
     import glob
-    import pickle
-    from jaxhet import io as jio
     rec = os.path.join(venv, "bin", "recovar")
     res = dict(available=os.path.exists(rec))
     if not res["available"]:
         res["error"] = f"{rec} not found"
         return res
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    if out_dir is None or not os.path.exists(os.path.join(out_dir, "model")):
-        out_dir = out_dir or os.path.join(work, "recovar_pipeline")
-        cmd = [rec, "pipeline", os.path.join(d, "particles.mrcs"), "--poses", os.path.join(d, "poses.pkl"),
-               "--ctf", os.path.join(d, "ctf.pkl"), "-o", out_dir, "--mask", "from_halfmaps", "--zdim", "4",
-               "--accept-cpu"]
-        t = time.time()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        res["pipeline_seconds"] = time.time() - t
-        res["pipeline_command"] = " ".join(cmd)
-        if p.returncode != 0:
-            res["error"] = "pipeline failed: " + p.stderr[-2000:]
-            return res
-    else:
-        with open(os.path.join(out_dir, "job.json")) as f:
-            job = json.load(f)
-        res["pipeline_seconds"] = _job_seconds(job)
-        res["pipeline_reused"] = out_dir
-    zfile = _recovar_latents(out_dir, venv)
-    z = np.load(zfile)
+    out_dir = out_dir or os.path.join(work, "recovar_pipeline")
+    cmd = [rec, "pipeline", os.path.join(d, "particles.mrcs"), "--poses", os.path.join(d, "poses.pkl"),
+           "--ctf", os.path.join(d, "ctf.pkl"), "-o", out_dir, "--mask", "from_halfmaps", "--zdim", "4",
+           "--accept-cpu"]
+    res["pipeline_command"] = " ".join(cmd)
+    timing = _timed_run(cmd, env, out_dir, os.path.join(out_dir, "model"))
+    if "error" in timing:
+        res["error"] = "pipeline failed: " + timing["error"]
+        return res
+    res["pipeline_seconds"], res["pipeline_cpu_seconds"] = timing["seconds"], timing.get("cpu_seconds")
+    res["pipeline_timing"] = timing
+    z = np.load(_recovar_latents(out_dir, venv))
     res["spearman"] = float(abs(spearmanr(z[:, 0], labels).correlation))
+    res["spearman_per_coordinate"] = [float(abs(spearmanr(z[:, j], labels).correlation)) for j in range(z.shape[1])]
+    cs_out = os.path.join(work, "recovar_states")
+    os.makedirs(work, exist_ok=True)
     pts = os.path.join(work, "recovar_points.txt")
     np.savetxt(pts, z[sel])
-    cs_out = os.path.join(work, "recovar_states")
-    cmd = [rec, "compute_state", out_dir, "--latent-points", pts, "-o", cs_out, "--particles",
-           os.path.join(d, "particles.mrcs")]
-    t = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    res["compute_state_seconds"] = time.time() - t
+    cmd = [rec, "compute_state", out_dir, "--latent-points", pts, "-o", cs_out]
     res["compute_state_command"] = " ".join(cmd)
-    if p.returncode != 0:
-        res["error"] = "compute_state failed: " + p.stderr[-2000:]
+    done = os.path.join(cs_out, "latent_coords.txt")
+    if os.path.exists(done) and not np.allclose(np.loadtxt(done).reshape(len(sel), -1), z[sel], atol=1e-4):
+        raise ValueError(f"{cs_out}: states of other latent points; remove it")
+    ct = _timed_run(cmd, env, cs_out, done)
+    if "error" in ct:
+        res["error"] = "compute_state failed: " + ct["error"]
         return res
-    files = sorted(glob.glob(os.path.join(cs_out, "*.mrc")))  # <prefix>NNN.mrc (+ half maps)
-    vols = _recovar_state_maps(files, len(sel))
+    res["compute_state_seconds"], res["compute_state_cpu_seconds"] = ct["seconds"], ct.get("cpu_seconds")
+    res["compute_state_timing"] = ct
+    vols = _recovar_state_maps(sorted(glob.glob(os.path.join(cs_out, "*.mrc"))), len(sel))
     res["n_maps"] = len(vols)
     from jaxhet.analysis import map_fsc_auc
     res["fsc_auc"] = float(np.mean([map_fsc_auc(v, gt[labels[i]]) for v, i in zip(vols, sel)]))
     res["seconds"] = res["pipeline_seconds"] + res["compute_state_seconds"]
-    del pickle, jio
+    if res["pipeline_cpu_seconds"] is not None and res["compute_state_cpu_seconds"] is not None:
+        res["cpu_seconds"] = res["pipeline_cpu_seconds"] + res["compute_state_cpu_seconds"]
     return res
 
 
-def _job_seconds(job: dict) -> float:
-    for key in ("duration_seconds", "elapsed_seconds", "runtime_seconds", "duration"):
-        if key in job and isinstance(job[key], (int, float)):
-            return float(job[key])
-    from datetime import datetime
-    a, b = job.get("started_at") or job.get("start_time"), job.get("finished_at") or job.get("end_time")
-    return float((datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds())
+def _timed_run(cmd, env, out_dir: str, done_path: str) -> dict:
+    """Run ``cmd`` unless ``done_path`` exists; its wall/CPU seconds, kept in
+    ``out_dir/jaxhet_timing.json`` for reuse (a reused run without it is an error)."""
+    timing_file = os.path.join(out_dir, "jaxhet_timing.json")
+    if os.path.exists(done_path):
+        if not os.path.exists(timing_file):
+            raise FileNotFoundError(f"{timing_file}: time of the reused run {out_dir} unknown")
+        with open(timing_file) as f:
+            return dict(json.load(f), reused=out_dir)
+    t, c = time.time(), _child_cpu()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    timing = dict(seconds=time.time() - t, cpu_seconds=_child_cpu() - c, source="exp_linear_adk.py",
+                  command=" ".join(cmd))
+    if p.returncode != 0:
+        return dict(error=p.stderr[-2000:])
+    with open(timing_file, "w") as f:
+        json.dump(timing, f)
+    return timing
 
 
 def _recovar_latents(out_dir: str, venv: str) -> str:
@@ -216,16 +256,17 @@ def _recovar_state_maps(files, n):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="/work/data_linear/adk")
+    ap.add_argument("--data", default=os.path.join(HERE, "out", "vae_adk_d32"))
     ap.add_argument("--recovar-venv", default="/work/recovar-venv")
-    ap.add_argument("--recovar-out", default=None, help="reuse this finished `recovar pipeline` output")
-    ap.add_argument("--skip-recovar", action="store_true")
+    ap.add_argument("--recovar-out", default=None, help="RECOVAR pipeline folder (reused when finished)")
+    ap.add_argument("--only", choices=["jaxhet", "recovar"], default=None,
+                    help="run one side; the other's rows are kept from the existing --out file")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--ppca-iters", type=int, default=8)
     ap.add_argument("--refine", type=int, default=2, help="likelihood refinements of the spectral coordinate")
     ap.add_argument("--bandwidth", type=float, default=0.2)
     ap.add_argument("--nodes", type=int, default=15)
-    ap.add_argument("--work", default="/tmp/exp_linear_adk")
+    ap.add_argument("--work", default="/tmp/exp_linear_adk", help="RECOVAR compute_state output (reused)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "linear_adk.json"))
     args = ap.parse_args(argv)
     from jaxhet import io as jio
@@ -233,14 +274,30 @@ def main(argv=None) -> int:
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     labels = np.load(os.path.join(args.data, "labels.npy"))
-    gt = np.stack([jio.read_mrc(os.path.join(args.data, "gt", f"frame_{f:03d}.mrc"))[0] for f in range(labels.max() + 1)])
+    gt = np.stack([jio.read_mrc(os.path.join(args.data, "gt", f"frame_{f:03d}.mrc"))[0]
+                   for f in range(labels.max() + 1)])
     sel = np.random.default_rng(0).choice(len(labels), 100, replace=False)
-    rows, T, R = run_jaxhet(args.data, args.k, args.ppca_iters, sel, labels, gt, args.refine, args.bandwidth,
-                            args.nodes)
-    result = dict(data=args.data, n_images=int(len(labels)), eval_images=sel.tolist(), methods=rows,
-                  jaxhet_stage_seconds=T, jaxhet_details=R,
-                  machine="2 CPU cores shared with other jobs (timings include contention)")
-    if not args.skip_recovar:
+    result = dict(data=args.data, n_images=int(len(labels)), eval_images=sel.tolist(), methods={},
+                  machine="2 CPU cores shared with other jobs: wall seconds include contention, CPU seconds "
+                          "(user + system, all threads) measure the work")
+    if args.only is not None and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        if old.get("eval_images") == result["eval_images"] and old.get("data") == result["data"]:
+            result = old
+    rows = result["methods"]
+    if args.only != "recovar":
+        for name in [n for n in rows if not n.startswith("RECOVAR")]:
+            del rows[name]
+        jrows, T, R = run_jaxhet(args.data, args.k, args.ppca_iters, sel, labels, gt, args.refine, args.bandwidth,
+                                 args.nodes)
+        rows.update(jrows)
+        result.update(jaxhet_stage_seconds=T, jaxhet_details=R,
+                      jaxhet_options=dict(k=args.k, ppca_iters=args.ppca_iters, refine=args.refine,
+                                          bandwidth=args.bandwidth, nodes=args.nodes))
+    if args.only != "jaxhet":
+        for name in [n for n in rows if n.startswith("RECOVAR")]:
+            del rows[name]
         try:
             result["recovar"] = run_recovar(args.data, args.recovar_venv, args.recovar_out, sel, labels, gt, args.work)
         except Exception as e:  # report precisely why it could not run
@@ -248,17 +305,31 @@ def main(argv=None) -> int:
         r = result["recovar"]
         if "fsc_auc" in r:
             rows["RECOVAR (zdim 4, kernel regression)"] = dict(fsc_auc=r["fsc_auc"], spearman=r.get("spearman"),
-                                                               seconds=r.get("seconds"))
-    print(f"{'method':42s} {'Spearman |rho|':>15s} {'FSC-AUC':>9s} {'time (s)':>9s}")
+                                                               seconds=r.get("seconds"),
+                                                               cpu_seconds=r.get("cpu_seconds"))
+    result["oracle_spearman"] = _oracle_spearman()
+    print(f"{'method':42s} {'Spearman |rho|':>15s} {'FSC-AUC':>9s} {'wall (s)':>9s} {'CPU (s)':>9s}")
     for name, v in rows.items():
         sp = "-" if v.get("spearman") is None else f"{v['spearman']:.3f}"
-        print(f"{name:42s} {sp:>15s} {v['fsc_auc']:9.4f} {v['seconds']:9.0f}")
+        cpu = "-" if v.get("cpu_seconds") is None else f"{v['cpu_seconds']:.0f}"
+        print(f"{name:42s} {sp:>15s} {v['fsc_auc']:9.4f} {v['seconds']:9.0f} {cpu:>9s}")
+    if result.get("oracle_spearman") is not None:
+        print(f"(ground-truth oracle Spearman, posterior-mean frame: {result['oracle_spearman']:.3f})")
     if "recovar" in result and "error" in result["recovar"]:
         print("RECOVAR:", result["recovar"]["error"][:500])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", args.out)
     return 0
+
+
+def _oracle_spearman():
+    """The information limit measured by exp_oracle_latent.py on the same data set, if present."""
+    p = os.path.join(HERE, "results", "oracle_latent.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f).get("vae_adk_d32", {}).get("spearman_posterior_mean_frame")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def stage_jaxhet(a):
     cmd = [f"{BIN}/jaxhet", "train", "vae", f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl",
            "--ctf", f"{a.data}/ctf.pkl", "-o", out, "--zdim", "8", "--epochs", str(a.epochs), "-b", str(a.batch_size),
            "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3", "--seed", "0",
-           "--no-progress"]
+           "--no-progress", "--save-every", "1", *a.extra]
     rc, wall, cpu, rss = _timed(cmd, out + ".log")
     if rc:
         raise SystemExit(f"jaxhet failed (rc {rc}), see {out}.log")
@@ -262,6 +262,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tag", default=None)
     p.add_argument("--only", default=None, help="evaluate: only these runs (comma-separated keys)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="jaxhet stage: further `jaxhet train vae` options (last on the line)")
     p.add_argument("--set", default=None, help="tune: VAEConfig overrides key=value,... (e.g. window=0,beta=1)")
     a = p.parse_args()
     a.tag = a.tag or f"e{a.epochs}"

@@ -78,6 +78,14 @@ def _vae_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pe-dim", type=int, default=None, help="encoding frequencies per axis (default D/2)")
     p.add_argument("--feat-sigma", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=None, help="KL weight (default 1/zdim)")
+    p.add_argument("--noise-variance", type=float, default=None,
+                   help="per-pixel noise variance sigma^2 of the likelihood (default: the data's pixel variance; "
+                        "half of it reproduces cryoDRGN's objective)")
+    p.add_argument("--no-window", action="store_true",
+                   help="do not multiply the images by cryoDRGN's soft circular real-space window")
+    p.add_argument("--window-r", type=float, default=0.85, help="window inner radius, fraction of D/2 (0.85)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write OUT/epochs/latents.<e>.npy and model.<e>.npz every this many epochs (0: off)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pose-refine", action="store_true", help="learn per-image rotation/shift corrections")
@@ -101,7 +109,9 @@ def _vae_run(args) -> int:
                     dec_dim=args.dec_dim, dec_layers=args.dec_layers, pe_type=args.pe_type, pe_dim=args.pe_dim,
                     feat_sigma=args.feat_sigma, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                     epochs=args.epochs, seed=args.seed, pose_refine=args.pose_refine, pose_lr=args.pose_lr,
-                    pose_refine_start=args.pose_refine_start, ctf_sign=args.ctf_sign, downsample=args.downsample)
+                    pose_refine_start=args.pose_refine_start, ctf_sign=args.ctf_sign, downsample=args.downsample,
+                    noise_variance=args.noise_variance, window=not args.no_window, window_r=args.window_r,
+                    save_every=args.save_every)
     devs = jax.local_devices()
     mesh = make_mesh(devs[:args.devices] if args.devices else devs)
     import os

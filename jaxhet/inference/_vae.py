@@ -9,12 +9,26 @@ i.e. the negative Gaussian log-likelihood (white noise of per-pixel variance sig
 :func:`jaxhet.core.gaussian_log_likelihood` up to a constant) of the CTF'd, shifted model
 image (:func:`jaxhet.core.render_fourier` restricted to the frequencies K used:
 0 < |k| <= D/2, the Nyquist circle without DC, as cryoDRGN), plus beta times the KL
-divergence; w_k are the half-plane Parseval weights. The default sigma^2 is half the
-per-pixel variance of the data and beta = 1/zdim, which is *exactly* cryoDRGN's
-``train_vae`` objective (MSE of normalised Hartley values + beta KL / n_pixels, up to a
-constant factor that Adam ignores). The encoder sees the centred, CTF-phase-flipped image
-(:mod:`jaxhet.models._encoders`); the autodecoder replaces it by a free latent per image
-(MAP with a N(0, I) prior, weight beta).
+divergence; w_k are the half-plane Parseval weights. The images are first multiplied by
+cryoDRGN's soft circular real-space window (radius 0.85 -> 0.99 of D/2; ``window=False``
+turns it off), which removes the noise in the corners where a centred particle has no
+signal.
+
+Likelihood scale vs cryoDRGN. cryoDRGN's ``train_vae`` minimises
+``MSE(Hartley values / s) + beta KL / n_pixels`` with s^2 the variance of the
+(unwindowed) data's Hartley values, beta = 1/zdim. By Parseval that is, up to a constant
+factor Adam ignores, the loss above with sigma^2 = *half* the per-pixel variance of the
+data: twice the Gaussian log-likelihood weight of the actual noise level, i.e. an
+effective KL weight of beta/2 relative to the ELBO of the noise model. jaxhet's default
+sigma^2 is the per-pixel variance of the data itself (the noise variance at the low SNR
+of cryo-EM data; an upper bound otherwise) with cryoDRGN's beta = 1/zdim, so the
+likelihood is the Gaussian noise model's and the effective KL weight is 1/zdim; giving
+``noise_variance`` = half the pixel variance reproduces cryoDRGN's objective exactly. With
+less weight on the KL the encoder spends latent information on each image's noise and the
+decoder fits it (maps at the latents get noisier as training goes on); beta = 1 with the
+true sigma^2 (the plain ELBO) collapses the posterior at SNR ~0.05 (the latent is ignored).
+The encoder sees the centred, CTF-phase-flipped image (:mod:`jaxhet.models._encoders`); the
+autodecoder replaces it by a free latent per image (MAP with a N(0, I) prior, weight beta).
 
 Optional per-image pose refinement: a learnable rotation vector dr_i (radians) and shift
 ds_i (pixels) per image, ``A_i <- exp([dr_i]) A_i``, ``s_i <- s_i + ds_i``, initialised at
@@ -82,8 +96,8 @@ class VAEConfig:
         enc_dim, enc_layers, dec_dim, dec_layers: MLP widths and residual-layer counts.
         pe_type, pe_dim, feat_sigma: decoder positional encoding.
         beta: KL weight (None: 1/zdim).
-        noise_variance: sigma^2 per pixel (None: half the data's pixel variance, cryoDRGN's
-            implied value).
+        noise_variance: sigma^2 per pixel (None: the data's per-pixel variance, measured on
+            up to 1000 images before windowing; cryoDRGN's objective implies half of it).
         lr: Adam learning rate; ad_lr: autodecoder latent learning rate.
         batch_size, epochs, seed.
         pose_refine, pose_lr, pose_refine_start: per-image pose correction (epochs
@@ -93,6 +107,9 @@ class VAEConfig:
         window, window_r, window_outer: multiply every image by cryoDRGN's soft circular
             window (1 inside ``window_r``, 0 beyond ``window_outer``, fractions of D/2)
             before the encoder and the likelihood see it (cryoDRGN's default).
+        save_every: every this many epochs also write ``epochs/latents.<epoch>.npy`` and
+            ``epochs/model.<epoch>.npz`` (like cryoDRGN's ``z.<epoch>.pkl``,
+            ``weights.<epoch>.pkl``), to follow the latents and maps during training (0: off).
     """
 
     zdim: int = 8
@@ -119,6 +136,7 @@ class VAEConfig:
     window: bool = True
     window_r: float = 0.85
     window_outer: float = 0.99
+    save_every: int = 0
 
     def resolved_beta(self) -> float:
         return 1.0 / self.zdim if self.beta is None else float(self.beta)
@@ -626,7 +644,7 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
         noise_variance, out_scale = old["noise_variance"], old["output_scale"]
     else:
         var, rms = _sample_stats(source, iscale, seed=cfg.seed)
-        noise_variance = 0.5 * var if cfg.noise_variance is None else float(cfg.noise_variance)
+        noise_variance = var if cfg.noise_variance is None else float(cfg.noise_variance)
         out_scale = rms
     vae = _build(cfg, n, D, a, out_scale)
     tx = optax.adam(cfg.lr)
@@ -650,6 +668,7 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
             history = json.load(f)[: int(state.epoch)]
     meta_extra = dict(extra_meta or {})
 
+    enc_fn = _make_encode(graphdef, st, repl)
     start_epoch = int(state.epoch) + 1
     n_steps = -(-n // B)
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -694,13 +713,19 @@ def train_vae(particles, out_dir: str, config: VAEConfig | None = None, *, resum
         meta = _meta(cfg, D, a, n, noise_variance, out_scale, iscale, epoch,
                      dict(rule="numpy default_rng([seed, epoch]).permutation(n)", seed=cfg.seed,
                           last_epoch_order_head=order[:16].tolist()), meta_extra)
+        if cfg.save_every and epoch % cfg.save_every == 0 and write_outputs:
+            ep_dir = os.path.join(out_dir, "epochs")
+            os.makedirs(ep_dir, exist_ok=True)
+            mu_e, _ = encode_latents(enc_fn, state, rest, source, n, B, iscale, has_ctf, data_sh, repl)
+            np.save(os.path.join(ep_dir, f"latents.{epoch}.npy"), mu_e)
+            save_model(os.path.join(ep_dir, f"model.{epoch}.npz"), nnx.merge(graphdef, state.params, rest).decoder,
+                       overwrite=True)
         _save_checkpoint(ckpt_path, state, rest, meta)
         with open(os.path.join(out_dir, VAE_FILES["history"]), "w") as f:
             json.dump(history, f, indent=1)
 
     vae = nnx.merge(graphdef, state.params, rest)
-    enc_fn = _make_encode(graphdef, st, repl)
-    mu, lv = encode_latents(partial(enc_fn, noise_variance=nv), state, rest, source, n, B, iscale, has_ctf,
+    mu, lv = encode_latents(enc_fn, state, rest, source, n, B, iscale, has_ctf,
                             data_sh, repl)
     if cfg.encoder == "autodecoder":
         lv = None

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
-from jaxhet.inference import (array_batches, diffusion_map, interpolate_node_maps, manifold_coordinate,
-                              node_log_likelihoods, prepare_images, spectral_volumes)
+from jaxhet.inference import (SpectralVolumes, array_batches, diffusion_map, interpolate_node_maps,
+                              manifold_coordinate, node_log_likelihoods, node_posteriors, prepare_images,
+                              spectral_volumes)
 
 from test_linear_helpers import atom_family, simulate
 
@@ -34,6 +35,17 @@ def test_manifold_coordinate_and_interpolation():
     np.testing.assert_allclose(interpolate_node_maps(maps, nodes, 0.5), maps[1])
     np.testing.assert_allclose(interpolate_node_maps(maps, nodes, 0.75), np.full((2, 2, 2), 2.5), atol=1e-6)
     np.testing.assert_allclose(interpolate_node_maps(maps, nodes, [1.5])[0], maps[2])  # clamped
+
+
+def test_node_posteriors_and_posterior_map():
+    ll = np.array([[0.0, np.log(3.0), -np.inf], [1000.0, 1000.0, 1000.0 + np.log(2.0)]])
+    p = node_posteriors(ll)
+    np.testing.assert_allclose(p, [[0.25, 0.75, 0.0], [0.25, 0.25, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(node_posteriors(np.zeros((1, 2)), np.log([[0.2, 0.8]])), [[0.2, 0.8]], atol=1e-6)
+    maps = np.stack([np.full((2, 2, 2), v, np.float32) for v in (0.0, 1.0, 4.0)])
+    sv = SpectralVolumes(maps, np.array([0.0, 0.5, 1.0]), np.zeros(2), None, 0.1, np.ones(3), np.ones(3), 0.0, p)
+    np.testing.assert_allclose(sv.posterior_map(0), np.full((2, 2, 2), 0.75), atol=1e-6)
+    np.testing.assert_allclose(sv.posterior_map([0, 1])[1], np.full((2, 2, 2), 2.25), atol=1e-6)
 
 
 def test_spectral_volumes_and_node_likelihoods():

@@ -36,7 +36,7 @@ import numpy as np
 
 __all__ = ["DiffusionMap", "diffusion_map", "manifold_coordinate", "SpectralVolumes", "spectral_volumes",
            "kernel_weights", "interpolate_node_maps", "node_log_likelihoods", "node_reconstructions",
-           "interpolated_log_likelihoods", "select_bandwidth"]
+           "interpolated_log_likelihoods", "select_bandwidth", "node_posteriors"]
 
 
 class DiffusionMap(NamedTuple):
@@ -197,7 +197,8 @@ class SpectralVolumes(NamedTuple):
     node_maps [J, D, D, D]; nodes [J] (in u units); u [N] manifold coordinate of each image
     (dataset order); diffusion (:class:`DiffusionMap`); bandwidth; effective number of
     images per node [J]; resolution_0143 [J] (A, masked half-map FSC of each node);
-    seconds.
+    seconds; node_posterior [N, J] (or None): posterior probability of each node given
+    the image (:func:`node_posteriors`), for :meth:`posterior_map`.
     """
 
     node_maps: np.ndarray
@@ -208,10 +209,17 @@ class SpectralVolumes(NamedTuple):
     n_effective: np.ndarray
     resolution_0143: np.ndarray
     seconds: float
+    node_posterior: np.ndarray | None = None
 
     def map_of(self, u) -> np.ndarray:
         """Map(s) at manifold coordinate(s) u."""
         return interpolate_node_maps(self.node_maps, self.nodes, u)
+
+    def posterior_map(self, i) -> np.ndarray:
+        """Posterior-mean map of image(s) i: ``sum_j p(j | y_i) V_j`` (needs node_posterior)."""
+        if self.node_posterior is None:
+            raise ValueError("posterior_map: node_posterior was not computed (spectral_volumes(posterior=True))")
+        return np.tensordot(np.asarray(self.node_posterior)[i], self.node_maps, 1).astype(np.float32)
 
 
 def node_reconstructions(batches_fn, weights, *, mask=None, batch_size: int = 256, pad_factor: int = 2,
@@ -307,6 +315,22 @@ def node_log_likelihoods(prepared, node_maps, noise_psd, *, chunk: int = 4, pad_
     return out
 
 
+def node_posteriors(log_likelihoods, log_prior=None) -> np.ndarray:
+    """Posterior over nodes [N, J] from log-likelihoods [N, J] (and a log prior [N, J] or
+    [J], default uniform): ``p(j | y_i) ∝ p(j) exp(ll_ij)``.
+
+    With the node maps as a discrete sampling of the manifold, the posterior-mean map
+    ``sum_j p(j | y_i) V_j`` is the minimum mean-square-error map of image i under that
+    model (it averages over the uncertainty of the image's position instead of committing
+    to a point estimate).
+    """
+    ll = np.asarray(log_likelihoods, np.float64)
+    if log_prior is not None:
+        ll = ll + np.asarray(log_prior, np.float64)
+    p = np.exp(ll - ll.max(1, keepdims=True))
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
 def _interp_weights(nodes, u) -> np.ndarray:
     """[N, J] linear-interpolation weights of coordinates u between the nodes."""
     nodes = np.asarray(nodes, np.float64)
@@ -387,7 +411,7 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 15, bandw
                      n_neighbors: int = 32, mask=None, batch_size: int = 256, pad_factor: int = 2,
                      ctf_sign: str = "relion", coordinate=None, min_weight: float = 1e-3, refine_iter: int = 0,
                      prepared=None, noise_psd=None, bandwidth_candidates=(0.05, 0.1, 0.2, 0.35),
-                     progress: bool = False) -> SpectralVolumes:
+                     posterior: bool = False, progress: bool = False) -> SpectralVolumes:
     """Diffusion-map embedding of per-image latents and kernel reconstructions along it.
 
     Args:
@@ -410,6 +434,8 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 15, bandw
         prepared: :class:`jaxhet.inference.PreparedImages` for the refinement (default
             built from the dataset); noise_psd: its noise (default from the residuals
             against the nearest node map).
+        posterior: also compute every image's posterior over the final node maps
+            (``node_posterior``, uniform prior; :meth:`SpectralVolumes.posterior_map`).
         progress: print one line per node.
 
     Returns:
@@ -447,17 +473,19 @@ def spectral_volumes(dataset_or_batches_fn, latents, *, n_nodes: int = 15, bandw
             print(f"  bandwidth {bandwidth} (held-out log-likelihood per image: {scores})", flush=True)
     weights = kernel_weights(u, nodes, bandwidth)
     maps, res = node_reconstructions(batches_fn, weights, **kw)
-    for it in range(int(refine_iter)):
+    def _posterior(maps):
+        nonlocal prepared, noise_psd
         from ._linear import noise_psd_from_residuals
         prepared = _prepared()
         if noise_psd is None:
             noise_psd = noise_psd_from_residuals(prepared, maps[len(maps) // 2])
-        ll = node_log_likelihoods(prepared, maps, noise_psd, pad_factor=pad_factor)
-        p = np.exp(ll - ll.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        u = manifold_coordinate(p @ nodes)
+        return node_posteriors(node_log_likelihoods(prepared, maps, noise_psd, pad_factor=pad_factor))
+
+    for it in range(int(refine_iter)):
+        u = manifold_coordinate(_posterior(maps) @ nodes)
         weights = kernel_weights(u, nodes, bandwidth)
         maps, res = node_reconstructions(batches_fn, weights, **kw)
         if progress:
             print(f"  refinement {it + 1}/{refine_iter} done", flush=True)
-    return SpectralVolumes(maps, nodes, u, dm, float(bandwidth), weights.sum(0), res, time.time() - t0)
+    post = _posterior(maps) if posterior else None
+    return SpectralVolumes(maps, nodes, u, dm, float(bandwidth), weights.sum(0), res, time.time() - t0, post)

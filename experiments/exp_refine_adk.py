@@ -17,6 +17,11 @@ this SNR.
 
     python experiments/exp_refine_adk.py [--iterations 6]
     python experiments/exp_refine_adk.py --snr 1.0 --n-images 5000   # a higher-SNR control
+    python experiments/exp_refine_adk.py --estimate mean --final-step 0.5 --final-iterations 2 --tag mean
+
+Options: the local pose estimate (``--estimate near|mean``), the M-step (``--m-step``),
+extra final iterations on a finer grid (``--final-step``); the Cramer-Rao bound of
+experiments/exp_pose_bound.py is copied into the results when it exists.
 
 With ``--snr`` other than 0.1 the data are simulated anew (same settings, that SNR) into
 experiments/out/refine_adk_snrS/ and the results go to refine_adk_snrS.json.
@@ -45,13 +50,23 @@ def main():
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--n-images", type=int, default=10000)
+    ap.add_argument("--estimate", choices=["near", "mean"], default="near",
+                    help="local pose estimate: posterior mean next to the best grid pose, or over the window")
+    ap.add_argument("--m-step", choices=["best", "topk"], default="best")
+    ap.add_argument("--final-step", type=float, default=None,
+                    help="extra final local iterations at this angular step (deg), range 4 x step")
+    ap.add_argument("--final-iterations", type=int, default=0, help="how many of those")
+    ap.add_argument("--floor-images", type=int, default=1000)
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     a = ap.parse_args()
     global SIM, OUT, RESULTS
+    suffix = f"_{a.tag}" if a.tag else ""
+    RESULTS = RESULTS.replace(".json", f"{suffix}.json")
     if a.snr != 0.1 or a.n_images != 10000:
         tag = f"snr{a.snr:g}_n{a.n_images}"
         OUT = os.path.join(ROOT, "experiments", "out", f"refine_adk_{tag}")
         SIM = os.path.join(OUT, "sim")
-        RESULTS = os.path.join(ROOT, "experiments", "results", f"refine_adk_{tag}.json")
+        RESULTS = os.path.join(ROOT, "experiments", "results", f"refine_adk_{tag}{suffix}.json")
         if not os.path.exists(os.path.join(SIM, "particles.mrcs")):
             subprocess.run([os.path.join(ROOT, ".venv", "bin", "jaxhet"), "simulate", "--structure", "adk-closed",
                             "-n", str(a.n_images), "--box", "64", "--pixel-size", "2", "--snr", str(a.snr),
@@ -84,11 +99,12 @@ def main():
     pix = ds.pixel_size_in_angstroms
     spec = prepare_reference(gt, pix)
     noise_sigma = json.load(open(os.path.join(SIM, "sim_config.json")))["noise_sigma"]
-    rows = np.arange(1000)
+    rows = np.arange(min(N, a.floor_images))
     b = ds.get_batch(rows)
     noise = np.full(ds.image_size // 2 + 1, float(noise_sigma) ** 2)
     fl = local_pose_search(spec, b.images, b.ctf, R_true[rows], -b.origin_in_pixels, noise, pix,
-                           SearchStage("local", 1.0, 6.0, 0.0), max_radius=ds.image_size // 2 - 1)
+                           SearchStage("local", 1.0, 6.0, 0.0), max_radius=ds.image_size // 2 - 1,
+                           estimate=a.estimate)
     floor_err = np.asarray(rotation_angle_between(fl.rotations, jnp.asarray(R_true[rows])))
     floor_best = np.asarray(rotation_angle_between(fl.best_rotations, jnp.asarray(R_true[rows])))
     print(f"information floor (ground-truth map, true start): median error {np.median(floor_err):.2f} deg "
@@ -110,8 +126,11 @@ def main():
 
     t0 = time.time()
     sched = default_local_schedule(a.perturbation, a.iterations, shift_range=1.0)
+    if a.final_step:
+        sched += [SearchStage("local", a.final_step, 4 * a.final_step, 0.5, 0.25)] * a.final_iterations
     res = refine(ds, rotations=R0, origin_in_pixels=table.origin_in_pixels.astype(np.float32), schedule=sched,
-                 initial_resolution_in_angstroms=20.0, batch_size=a.batch_size, callback=cb)
+                 initial_resolution_in_angstroms=20.0, batch_size=a.batch_size, callback=cb,
+                 pose_estimate=a.estimate, m_step=a.m_step)
     wall = time.time() - t0
     e = np.asarray(rotation_angle_between(jnp.asarray(res.rotations), jnp.asarray(R_true)))
     auc = map_fsc_auc(res.reconstruction.volume, gt, normalized=True)
@@ -125,6 +144,9 @@ def main():
                refined_map_fsc_auc_normalized=auc,
                known_pose_map_fsc_auc_normalized=map_fsc_auc(known_map, gt, normalized=True),
                final_resolution_0143=res.reconstruction.resolution_0143, wall_s=wall,
+               options=dict(estimate=a.estimate, m_step=a.m_step, final_step=a.final_step,
+                            final_iterations=a.final_iterations, iterations=a.iterations),
+               cramer_rao=_bound(a.snr),
                load_average=os.getloadavg(), iterations=hist,
                schedule=[vars(s) for s in sched])
     with open(RESULTS, "w") as f:
@@ -133,6 +155,16 @@ def main():
           f"perfect-reference floor {out['floor_median_error_posterior_mean']:.2f}); "
           f"map FSC-AUC {auc:.4f} (known poses {out['known_pose_map_fsc_auc_normalized']:.4f}); {wall:.0f} s")
     print(f"wrote {RESULTS}")
+
+
+def _bound(snr):
+    """The Cramer-Rao numbers of experiments/exp_pose_bound.py for this SNR, if computed."""
+    p = os.path.join(ROOT, "experiments", "results", "pose_bound.json")
+    if not os.path.exists(p):
+        return None
+    r = json.load(open(p)).get(f"snr{snr:g}")
+    return None if r is None else {k: r[k] for k in ("predicted_median_error_deg", "median_crb_rms_angle_deg",
+                                                      "predicted_frac_error_below_2deg", "n_images")}
 
 
 if __name__ == "__main__":

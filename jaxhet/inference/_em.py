@@ -201,8 +201,16 @@ def _slices(spectrum, rotations, freqs, scale):
     return jnp.sum(vals * w, -1)
 
 
-def _posterior_summary(score, rot_cands, shifts, beta, k_top, dv=None, step_rad=None, A0=None):
-    """Best pose, posterior mean around it, max prob, spread and top-k from scores [S, M]."""
+def _posterior_summary(score, rot_cands, shifts, beta, k_top, dv=None, step_rad=None, A0=None, estimate="near"):
+    """Best pose, posterior mean (around the best, or over the whole window), max prob, spread
+    and top-k from scores [S, M].
+
+    ``estimate="near"``: rotation = posterior mean of the rotation vectors within one grid
+    diagonal of the best (sub-grid refinement of the mode); ``"mean"``: posterior mean of
+    the rotation vectors (and shifts) over the whole local window, the minimum-mean-square
+    estimate when the window holds the posterior (local searches only; the vectors are
+    relative to the current pose, so the mean is taken in its tangent space).
+    """
     S, M = score.shape
     logits = beta * score
     flat = logits.reshape(-1)
@@ -218,15 +226,20 @@ def _posterior_summary(score, rot_cands, shifts, beta, k_top, dv=None, step_rad=
     # sub-grid estimates: posterior mean over the best's neighbourhood
     if dv is not None:
         rel = dv - dv[bm]
-        near = (jnp.linalg.norm(rel, axis=-1) <= 1.01 * math.sqrt(3.0) * step_rad).astype(p_m.dtype)
-        wn = p_m * near
+        if estimate == "mean":
+            wn = p_m
+        else:
+            wn = p_m * (jnp.linalg.norm(rel, axis=-1) <= 1.01 * math.sqrt(3.0) * step_rad).astype(p_m.dtype)
         vmean = dv[bm] + jnp.sum(wn[:, None] * rel, 0) / jnp.maximum(wn.sum(), 1e-30)
         A_est = A0 @ axis_angle_to_matrix(vmean)
     else:
         A_est = A_best
     s_best = shifts[bs]
     d = jnp.linalg.norm(shifts - s_best, axis=-1)
-    ws = p_s * (d <= 1.5 * jnp.maximum(jnp.min(jnp.where(d > 0, d, 1e9)), 1e-6))
+    if estimate == "mean" and dv is not None:
+        ws = p_s
+    else:
+        ws = p_s * (d <= 1.5 * jnp.maximum(jnp.min(jnp.where(d > 0, d, 1e9)), 1e-6))
     s_est = jnp.sum(ws[:, None] * shifts, 0) / jnp.maximum(ws.sum(), 1e-30)
     top_v, top_i = jax.lax.top_k(flat, k_top)
     tw = jnp.exp(top_v - jax.nn.logsumexp(top_v))
@@ -234,9 +247,9 @@ def _posterior_summary(score, rot_cands, shifts, beta, k_top, dv=None, step_rad=
         rot_cands[top_i % M], shifts[top_i // M], tw
 
 
-@partial(jax.jit, static_argnames=("D", "k_top", "fs_full", "fs_cmp", "ctf_sign", "use_ctf", "map_batch"))
+@partial(jax.jit, static_argnames=("D", "k_top", "fs_full", "fs_cmp", "ctf_sign", "use_ctf", "map_batch", "estimate"))
 def _local_search_jit(spectrum, images, ctf_params, A0, s0, omega, dR, dv, step_rad, grid_s, shift_prior_var,
-                      beta, pixel_size, D, k_top, fs_full, fs_cmp, ctf_sign, use_ctf, map_batch):
+                      beta, pixel_size, D, k_top, fs_full, fs_cmp, ctf_sign, use_ctf, map_batch, estimate="near"):
     fsf, fsc_ = fs_full.value, fs_cmp.value
     P = spectrum.shape[-1]
     scale = P / D
@@ -259,7 +272,7 @@ def _local_search_jit(spectrum, images, ctf_params, A0, s0, omega, dR, dv, step_
         norm = 0.5 * ((Sl.real ** 2 + Sl.imag ** 2) @ (omega * cc * cc))
         prior = -0.5 * jnp.sum(grid_s ** 2, -1) / shift_prior_var
         score = cross - norm[None] + prior[:, None]
-        out = _posterior_summary(score, cands, shifts, beta, k_top, dv, step_rad, A)
+        out = _posterior_summary(score, cands, shifts, beta, k_top, dv, step_rad, A, estimate)
         A_est, s_est = out[0], out[1]
         model = _slices(spectrum, A_est[None], kf, scale)[0] * c * _phase(kf, s_est[None], D)[0]
         res = jnp.abs(Y - model) ** 2
@@ -272,7 +285,7 @@ def _local_search_jit(spectrum, images, ctf_params, A0, s0, omega, dR, dv, step_
 def local_pose_search(spectrum, images, ctf_params: CTFParams | None, rotations, shifts_in_pixels, noise_power,
                       pixel_size: float, stage: SearchStage, max_radius: float, *, shift_prior_sigma: float = 3.0,
                       beta: float = 1.0, k_top: int = 4, ctf_sign: str = "relion", map_batch: int = 8,
-                      ) -> PoseSearchResult:
+                      estimate: str = "near") -> PoseSearchResult:
     """Local E-step for a batch: each image searched on ``A_i @ dR`` x ``s_i + grid``.
 
     Args:
@@ -288,7 +301,11 @@ def local_pose_search(spectrum, images, ctf_params: CTFParams | None, rotations,
         beta: inverse temperature on the log-likelihood (1 = exact posterior).
         k_top: poses kept for a "topk" M-step.
         map_batch: images vectorised together inside ``lax.map``.
+        estimate: "near" (posterior mean next to the best grid pose) or "mean" (posterior
+            mean over the whole window; see :func:`_posterior_summary`).
     """
+    if estimate not in ("near", "mean"):
+        raise ValueError(f"estimate must be 'near' or 'mean', got {estimate!r}")
     images = jnp.asarray(images, jnp.float32)
     B, D = images.shape[0], images.shape[-1]
     fs_full, fs_cmp = _static_fs(D), _static_fs(D, max_radius)
@@ -300,7 +317,7 @@ def local_pose_search(spectrum, images, ctf_params: CTFParams | None, rotations,
                              jnp.asarray(shifts_in_pixels, jnp.float32), omega, jnp.asarray(dR), jnp.asarray(dv),
                              jnp.float32(np.deg2rad(stage.angular_step)), grid_s, jnp.float32(shift_prior_sigma ** 2),
                              jnp.float32(beta), jnp.float32(pixel_size), D, min(k_top, len(dv) * len(grid_s)),
-                             fs_full, fs_cmp, ctf_sign, ctf_params is not None, map_batch)
+                             fs_full, fs_cmp, ctf_sign, ctf_params is not None, map_batch, estimate)
 
 
 @partial(jax.jit, static_argnames=("D", "k_top", "fs_full", "fs_cmp", "ctf_sign", "use_ctf", "aggregate"))
@@ -450,7 +467,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
            resolution_margin_shells: int = 3, mask_radius_in_pixels: float | None = None,
            m_step: str = "best", k_top: int = 4, batch_size: int = 128, shift_prior_sigma: float = 3.0,
            seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
-           global_slice_budget: int = 6_000_000, adaptive_range: bool = True) -> RefinementResult:
+           global_slice_budget: int = 6_000_000, adaptive_range: bool = True,
+           pose_estimate: str = "near") -> RefinementResult:
     """Gold-standard EM refinement of poses and map (see module docstring).
 
     Args:
@@ -479,6 +497,9 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         adaptive_range: widen a local stage's window to twice the previous iteration's
             median posterior spread when the schedule asks for less (a window narrower than
             the posterior truncates it and biases the poses towards the previous ones).
+        pose_estimate: local searches' pose estimate, "near" (posterior mean next to the
+            best grid pose) or "mean" (posterior mean over the window; see
+            :func:`local_pose_search`).
 
     Returns:
         :class:`RefinementResult`.
@@ -585,7 +606,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
                 else:
                     out = local_pose_search(specs[h], imgs, ctfb, _pad(rot[idx], bsz), _pad(shifts[idx], bsz), noise,
                                             pix, stage, rmax, shift_prior_sigma=shift_prior_sigma, k_top=k_top,
-                                            ctf_sign=ctf_sign)
+                                            ctf_sign=ctf_sign, estimate=pose_estimate)
                 new_rot[idx] = np.asarray(out.rotations)[:n]
                 new_shift[idx] = np.asarray(out.shifts)[:n]
                 maxp[idx] = np.asarray(out.max_probability)[:n]

@@ -18,7 +18,10 @@ Stages (each can be run alone; the long ones in the background, one tool at a ti
     python experiments/exp_vae_adk.py --stage simulate
     python experiments/exp_vae_adk.py --stage jaxhet   [--epochs 20] [--tag full]
     python experiments/exp_vae_adk.py --stage cryodrgn [--epochs 2]  [--tag e2]
-    python experiments/exp_vae_adk.py --stage evaluate
+    python experiments/exp_vae_adk.py --stage evaluate [--only jaxhet_e20,cryodrgn_e20]
+    python experiments/exp_vae_adk.py --stage trajectory --only jaxhet_e20,cryodrgn_e20 [--epoch-list 1,5,10,20]
+    python experiments/exp_vae_adk.py --stage tune --epochs 6 --tag NAME --set beta=0.25,window=False
+    python experiments/exp_vae_adk.py --stage speed     # quiet machine only: both tools, 1 epoch each
 """
 
 from __future__ import annotations
@@ -130,6 +133,55 @@ def stage_cryodrgn(a):
     print(json.dumps(rec, indent=1))
 
 
+def stage_speed(a):
+    """Training speed of both tools, same architecture and data, one after the other.
+
+    Run it on a QUIET machine (the lead does): earlier numbers taken under load were off by
+    up to 10x for cryoDRGN. Each tool trains ``--speed-epochs`` epochs (default 1) on the
+    full data set from scratch, under ``/usr/bin/time -v``. Recorded under ``speed_idle``:
+    the tool's own epoch timer (images/s of its last epoch; jaxhet's first epoch includes
+    the jit compilation), whole-process images per wall-second and per CPU-second
+    (user+sys, startup and data loading included), peak RSS, and the load average before
+    each run.
+    """
+    n = len(np.load(os.path.join(a.data, "labels.npy")))
+    E = a.speed_epochs
+    arch = ["--zdim", "8", "-b", str(a.batch_size), "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256",
+            "--dec-layers", "3", "--seed", "0"]
+    inp = [f"{a.data}/particles.mrcs", "--poses", f"{a.data}/poses.pkl", "--ctf", f"{a.data}/ctf.pkl"]
+    rec = dict(n_images=n, epochs=E, batch_size=a.batch_size, nproc=os.cpu_count(), tools={})
+    for tool in ("jaxhet", "cryodrgn"):
+        out = os.path.join(a.work, f"speed_{tool}")
+        if os.path.exists(out):
+            import shutil
+            shutil.rmtree(out)  # our own scratch output from a previous speed run
+        if tool == "jaxhet":
+            cmd = [f"{BIN}/jaxhet", "train", "vae", *inp, "-o", out, "--epochs", str(E), *arch, "--no-progress"]
+        else:
+            cmd = [f"{BIN}/cryodrgn", "train_vae", *inp, "-o", out, "-n", str(E), *arch, "--no-analysis"]
+        load = os.getloadavg()
+        rc, wall, cpu, rss = _timed(cmd, out + ".log")
+        if rc:
+            raise SystemExit(f"{tool} failed (rc {rc}), see {out}.log")
+        if tool == "jaxhet":
+            ips = [h["images_per_second"] for h in json.load(open(os.path.join(out, "history.json")))]
+        else:
+            log = open(os.path.join(out, "run.log")).read()
+            ips = [n / (int(h) * 3600 + int(m) * 60 + float(s_)) for h, m, s_ in
+                   re.findall(r"Epoch: \d+ Average gen loss.*Finished in (\d+):(\d+):([\d.]+)", log)]
+        rec["tools"][tool] = dict(command=" ".join(cmd), images_per_s_epochs=ips,
+                                  images_per_s_last_epoch=ips[-1] if ips else None,
+                                  images_per_wall_s=n * E / wall, images_per_cpu_s=n * E / cpu, wall_s=wall,
+                                  cpu_s=cpu, peak_rss_MB=rss, loadavg_before=list(load))
+        print(tool, json.dumps(rec["tools"][tool], indent=1), flush=True)
+    j, c = rec["tools"]["jaxhet"], rec["tools"]["cryodrgn"]
+    rec["ratio_jaxhet_over_cryodrgn"] = dict(
+        images_per_s_last_epoch=(j["images_per_s_last_epoch"] or np.nan) / (c["images_per_s_last_epoch"] or np.nan),
+        images_per_cpu_s=j["images_per_cpu_s"] / c["images_per_cpu_s"])
+    _record("speed_idle", rec)
+    print(json.dumps(rec["ratio_jaxhet_over_cryodrgn"]))
+
+
 def _spearman_pc1(z, labels):
     from scipy.stats import spearmanr
     zc = z - z.mean(0)
@@ -156,18 +208,65 @@ def _jaxhet_maps(out, idx):
     return z, maps_at_latents(model, z[idx], conf["box_size"], conf["pixel_size"])
 
 
-def _cryodrgn_maps(out, idx, work):
-    with open(os.path.join(out, "z.pkl"), "rb") as f:
+def _cryodrgn_maps(out, idx, work, epoch=None):
+    sfx = "" if epoch is None else f".{epoch}"
+    with open(os.path.join(out, f"z{sfx}.pkl"), "rb") as f:
         z = pickle.load(f)
     zf = os.path.join(work, "cryodrgn_eval_z.txt")
     np.savetxt(zf, z[idx])
     vdir = os.path.join(work, "cryodrgn_eval_vols")
-    subprocess.run([f"{BIN}/cryodrgn", "eval_vol", os.path.join(out, "weights.pkl"), "-c",
+    if os.path.isdir(vdir):
+        for old in glob.glob(os.path.join(vdir, "vol_*.mrc")):
+            os.remove(old)
+    subprocess.run([f"{BIN}/cryodrgn", "eval_vol", os.path.join(out, f"weights{sfx}.pkl"), "-c",
                     os.path.join(out, "config.yaml"), "--zfile", zf, "-o", vdir], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from jaxhet.io import read_mrc
     files = sorted(glob.glob(os.path.join(vdir, "vol_*.mrc")))
     return z, [read_mrc(f)[0] for f in files]
+
+
+def _jaxhet_epoch_maps(out, idx, epoch):
+    from jaxhet.cli._evalvol import maps_at_latents
+    from jaxhet.models import load_model
+    z = np.load(os.path.join(out, "epochs", f"latents.{epoch}.npy"))
+    model = load_model(os.path.join(out, "epochs", f"model.{epoch}.npz"))
+    conf = json.load(open(os.path.join(out, "config.json"))) if os.path.exists(os.path.join(out, "config.json")) \
+        else dict(box_size=32, pixel_size=4.0)
+    return z, maps_at_latents(model, z[idx], conf["box_size"], conf["pixel_size"])
+
+
+def stage_trajectory(a):
+    """rho and FSC-AUC after each saved epoch of the runs in --only (jaxhet: OUT/epochs/,
+    written with --save-every; cryoDRGN: its z.<e>.pkl / weights.<e>.pkl). Epochs from
+    --epoch-list (default all saved). Recorded as ``<run>["per_epoch"]``."""
+    labels = np.load(os.path.join(a.data, "labels.npy"))
+    gt = _gt_maps(a.data)
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), 100, replace=False))
+    res = json.load(open(RESULTS))
+    for key in a.only.split(","):
+        out = res[key]["out"]
+        if key.startswith("jaxhet_"):
+            saved = sorted(int(re.search(r"latents\.(\d+)\.npy", f).group(1))
+                           for f in glob.glob(os.path.join(out, "epochs", "latents.*.npy")))
+        else:
+            saved = sorted(int(re.search(r"z\.(\d+)\.pkl", f).group(1)) for f in glob.glob(os.path.join(out, "z.*.pkl")))
+        want = saved if not a.epoch_list else [e for e in map(int, a.epoch_list.split(",")) if e in saved]
+        rows = {int(r["epoch"]): r for r in res[key].get("per_epoch", [])}
+        for e in want:
+            if key.startswith("jaxhet_"):
+                z, maps = _jaxhet_epoch_maps(out, idx, e)
+            else:
+                z, maps = _cryodrgn_maps(out, idx, os.path.join(a.work, key), epoch=e)
+            aucs = _fsc_auc_mean(maps, labels[idx], gt)
+            rows[e] = dict(epoch=e, spearman_pc1_frame=_spearman_pc1(np.asarray(z, np.float64), labels),
+                           fsc_auc_mean_100=float(np.mean(aucs)))
+            print(f"{key} epoch {e:3d}: |rho| {rows[e]['spearman_pc1_frame']:.3f}  FSC-AUC "
+                  f"{rows[e]['fsc_auc_mean_100']:.4f}", flush=True)
+        res = json.load(open(RESULTS))  # re-read: other stages may have written meanwhile
+        res[key]["per_epoch"] = [rows[e] for e in sorted(rows)]
+        with open(RESULTS, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 def stage_evaluate(a):
@@ -197,8 +296,12 @@ def stage_evaluate(a):
         [map_fsc_auc(gt[f], gt[min(97, f + 10)]) for f in range(0, 88, 8)]))
     res["protocol"] = dict(data=a.data, n_images=int(len(labels)), box=32, pixel_size=4.0, snr=0.05,
                            eval_images=idx.tolist()[:5] + ["..."], machine="2 shared CPU cores (other jobs running)")
+    latest = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}  # others may have written meanwhile
+    for k in [r[0] for r in table] + ["reference_fsc_auc_gt_frame0_vs_frame97",
+                                       "reference_fsc_auc_gt_frame_vs_frame_plus_10_mean", "protocol"]:
+        latest[k] = res[k]
     with open(RESULTS, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(latest, f, indent=1)
     print(f"{'run':18s} {'epochs':>6s} {'|rho| PC1':>9s} {'FSC-AUC':>8s} {'img/s':>7s} {'img/CPU-s':>9s} {'RSS MB':>7s}")
     for row in table:
         print(f"{row[0]:18s} {row[1]:6d} {row[2]:9.3f} {row[3]:8.4f} {row[4] or float('nan'):7.1f} {row[5]:9.1f} "
@@ -254,7 +357,7 @@ def stage_tune(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate", "tune"])
+    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate", "tune", "trajectory", "speed"])
     p.add_argument("--data", default=os.path.join(ROOT, "experiments", "out", "vae_adk_d32"))
     p.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "vae_adk_runs"))
     p.add_argument("--n", type=int, default=10000)
@@ -264,12 +367,14 @@ def main():
     p.add_argument("--only", default=None, help="evaluate: only these runs (comma-separated keys)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="jaxhet stage: further `jaxhet train vae` options (last on the line)")
+    p.add_argument("--speed-epochs", type=int, default=1, help="speed: epochs per tool (default 1)")
+    p.add_argument("--epoch-list", default=None, help="trajectory: these epochs only (comma-separated)")
     p.add_argument("--set", default=None, help="tune: VAEConfig overrides key=value,... (e.g. window=0,beta=1)")
     a = p.parse_args()
     a.tag = a.tag or f"e{a.epochs}"
     os.makedirs(a.work, exist_ok=True)
     dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, finalize=stage_finalize,
-         evaluate=stage_evaluate, tune=stage_tune)[a.stage](a)
+         evaluate=stage_evaluate, tune=stage_tune, trajectory=stage_trajectory, speed=stage_speed)[a.stage](a)
 
 
 if __name__ == "__main__":

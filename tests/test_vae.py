@@ -145,6 +145,9 @@ def test_vae_separates_two_states(tmp_path):
     assert lv.shape == z.shape
     conf = json.load(open(out / "config.json"))
     assert conf["box_size"] == 16 and conf["pixel_size"] == 4.0 and conf["config"]["zdim"] == 2
+    # the likelihood's sigma^2 defaults to the data's per-pixel variance (not cryoDRGN's half)
+    np.testing.assert_allclose(conf["noise_variance"], np.mean(np.var(src.images.astype(np.float64), axis=(-2, -1))),
+                               rtol=1e-4)
     model, conf2, z2 = load_vae(str(out))
     assert model.box_size == 16 and model.latent_dim == 2
     # the decoder's maps at the two states' mean latents correlate best with their own state

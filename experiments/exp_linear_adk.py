@@ -158,7 +158,7 @@ def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, ba
     return out, T, R
 
 
-def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str):
+def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str, with_states: bool = True):
     """RECOVAR pipeline + compute_state at the evaluation images' embeddings.
 
     Timings: wall seconds and CPU seconds (user + system of the child processes). A run
@@ -186,6 +186,17 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     z = np.load(_recovar_latents(out_dir, venv))
     res["spearman"] = float(abs(spearmanr(z[:, 0], labels).correlation))
     res["spearman_per_coordinate"] = [float(abs(spearmanr(z[:, j], labels).correlation)) for j in range(z.shape[1])]
+    # RECOVAR's own mean map, scored like jaxhet's mean (same 100 images), as written and with
+    # its array axes reversed (RECOVAR's projector reads the map as V[x, y, z]: checked by
+    # projecting a ground-truth map with recovar.core.slicing.slice_volume + its CTF, which
+    # reproduces the simulated images only for the reversed axes, correlation 0.998)
+    from jaxhet import io as jio
+    rmean = jio.read_mrc(os.path.join(out_dir, "output", "volumes", "mean.mrc"))[0]
+    res["mean_fsc_auc"] = float(fsc_aucs(lambda i: rmean, sel, labels, gt).mean())
+    res["mean_fsc_auc_axes_reversed"] = float(fsc_aucs(lambda i: rmean.transpose(2, 1, 0), sel, labels, gt).mean())
+    if not with_states:
+        res["compute_state"] = "not run (--no-compute-state)"
+        return res
     cs_out = os.path.join(work, "recovar_states")
     os.makedirs(work, exist_ok=True)
     pts = os.path.join(work, "recovar_points.txt")
@@ -265,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recovar-out", default=None, help="RECOVAR pipeline folder (reused when finished)")
     ap.add_argument("--only", choices=["jaxhet", "recovar"], default=None,
                     help="run one side; the other's rows are kept from the existing --out file")
+    ap.add_argument("--no-compute-state", action="store_true", help="skip RECOVAR's per-image maps")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--ppca-iters", type=int, default=8)
     ap.add_argument("--refine", type=int, default=2, help="likelihood refinements of the spectral coordinate")
@@ -303,10 +315,14 @@ def main(argv=None) -> int:
         for name in [n for n in rows if n.startswith("RECOVAR")]:
             del rows[name]
         try:
-            result["recovar"] = run_recovar(args.data, args.recovar_venv, args.recovar_out, sel, labels, gt, args.work)
+            result["recovar"] = run_recovar(args.data, args.recovar_venv, args.recovar_out, sel, labels, gt, args.work,
+                                            with_states=not args.no_compute_state)
         except Exception as e:  # report precisely why it could not run
             result["recovar"] = dict(error=f"{type(e).__name__}: {e}")
         r = result["recovar"]
+        if "mean_fsc_auc" in r:
+            rows["RECOVAR mean map"] = dict(fsc_auc=r["mean_fsc_auc"], spearman=None,
+                                            seconds=r.get("pipeline_seconds"), cpu_seconds=r.get("pipeline_cpu_seconds"))
         if "fsc_auc" in r:
             rows["RECOVAR (zdim 4, kernel regression)"] = dict(fsc_auc=r["fsc_auc"], spearman=r.get("spearman"),
                                                                seconds=r.get("seconds"),

@@ -19,9 +19,10 @@ pipeline`` on the same particles (cryoDRGN pkls, ``--mask from_halfmaps --zdim 4
 images; Spearman of its first latent coordinate. Its run can be reused
 (``--recovar-out``): the pipeline's own wall time is then read from its job.json.
 
-Usage:
-    python experiments/exp_linear_adk.py [--data DIR] [--recovar-venv /work/recovar-venv]
-        [--recovar-out DIR] [--skip-recovar] [--k 4] [--ppca-iters 8]
+Usage (one heavy process at a time on the shared machine):
+    nice -n 5 python experiments/exp_linear_adk.py --only jaxhet
+    nice -n 5 python experiments/exp_linear_adk.py --only recovar --recovar-out /work/recovar_runs/pipeline_z4
+        [--no-compute-state]    (the pipeline and compute_state outputs are reused with their recorded times)
 Writes experiments/results/linear_adk.json and prints a table.
 """
 
@@ -248,7 +249,7 @@ def _recovar_latents(out_dir: str, venv: str) -> str:
     if os.path.exists(dst):
         return dst
     code = ("import sys, numpy as np\n"
-            "from recovar.output import PipelineOutput\n"
+            "from recovar.output.output import PipelineOutput\n"
             "po = PipelineOutput(sys.argv[1])\n"
             "z = po.get_embedding_component('latent_coords', 4)\n"
             "np.save(sys.argv[2], np.asarray(z))\n")

@@ -67,6 +67,8 @@ def register(sub) -> None:
                    help="run K global searches (SO(3) grid, 7.5 deg) before the local ones")
     p.add_argument("--shift-range", type=float, default=2.0, help="translation search radius (px) of the first iteration")
     p.add_argument("--m-step", choices=["best", "topk"], default="best")
+    p.add_argument("--pose-estimate", choices=["near", "mean"], default="near",
+                   help="local searches' pose: posterior mean next to the best grid pose, or over the whole window")
     p.add_argument("--mask-radius", type=float, default=None, help="reference mask radius (px; default 0.45 D)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.set_defaults(func=run)
@@ -140,7 +142,7 @@ def run(args) -> int:
                  schedule=schedule[start:], initial_resolution_in_angstroms=init_res,
                  max_resolution_in_angstroms=args.max_resolution, mask_radius_in_pixels=args.mask_radius,
                  m_step=args.m_step, batch_size=args.batch_size, seed=args.seed, progress=True,
-                 callback=on_iteration)
+                 callback=on_iteration, pose_estimate=args.pose_estimate)
     rec = res.reconstruction
     write_reconstruction(rec, paths, True, title="refined map")
     write_pose_star(star, table, ds, res.rotations, res.origin_in_pixels, res.max_probability,

@@ -133,6 +133,25 @@ def stage_cryodrgn(a):
     print(json.dumps(rec, indent=1))
 
 
+def stage_cryodrgn_record(a):
+    """Record a cryoDRGN run that was interrupted and resumed outside ``--stage cryodrgn``
+    (``train_vae --load``): speed from its run.log epoch timers; wall/CPU/RSS unknown."""
+    out = os.path.join(a.work, f"cryodrgn_{a.tag}")
+    log = open(os.path.join(out, "run.log")).read()
+    cmd = " ; then ".join(l.strip() for l in log.splitlines() if "cryodrgn train_vae" in l and "Namespace" not in l)
+    secs = [int(h) * 3600 + int(m) * 60 + float(s_) for h, m, s_ in
+            re.findall(r"Epoch: \d+ Average gen loss.*Finished in (\d+):(\d+):([\d.]+)", log)]
+    n = len(np.load(os.path.join(a.data, "labels.npy")))
+    ips = [n / x for x in secs]
+    if not os.path.exists(os.path.join(out, "weights.pkl")):
+        raise SystemExit(f"{out}: no weights.pkl (run not finished)")
+    rec = dict(command="(interrupted and resumed run) " + cmd, epochs=len(secs), batch_size=a.batch_size,
+               peak_rss_MB=None, images_per_s_median=float(np.median(ips)) if ips else None,
+               images_per_s_epochs=ips, images_per_cpu_s=None, out=out)
+    _record(f"cryodrgn_{a.tag}", rec)
+    print(json.dumps(rec, indent=1))
+
+
 def stage_speed(a):
     """Training speed of both tools, same architecture and data, one after the other.
 
@@ -357,7 +376,8 @@ def stage_tune(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate", "tune", "trajectory", "speed"])
+    p.add_argument("--stage", required=True, choices=["simulate", "jaxhet", "cryodrgn", "finalize", "evaluate", "tune", "trajectory", "speed",
+                                                    "cryodrgn_record"])
     p.add_argument("--data", default=os.path.join(ROOT, "experiments", "out", "vae_adk_d32"))
     p.add_argument("--work", default=os.path.join(ROOT, "experiments", "out", "vae_adk_runs"))
     p.add_argument("--n", type=int, default=10000)
@@ -374,7 +394,8 @@ def main():
     a.tag = a.tag or f"e{a.epochs}"
     os.makedirs(a.work, exist_ok=True)
     dict(simulate=stage_simulate, jaxhet=stage_jaxhet, cryodrgn=stage_cryodrgn, finalize=stage_finalize,
-         evaluate=stage_evaluate, tune=stage_tune, trajectory=stage_trajectory, speed=stage_speed)[a.stage](a)
+         evaluate=stage_evaluate, tune=stage_tune, trajectory=stage_trajectory, speed=stage_speed,
+         cryodrgn_record=stage_cryodrgn_record)[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,15 @@ pipeline`` on the same particles (cryoDRGN pkls, ``--mask from_halfmaps --zdim 4
 images; Spearman of its first latent coordinate. Its run can be reused
 (``--recovar-out``): the pipeline's own wall time is then read from its job.json.
 
+RECOVAR on CPU needs a fix (``_RECOVAR_CPU_FIX``, applied in its process, its package left
+unmodified): without a GPU its RELION-style projector/backprojector
+(``recovar.core.relion_interp``, the JAX fallback of its CUDA kernels) ignores the volume
+oversampling factor ``volume_shape[0] // image_shape[0]`` that the CUDA kernels apply to the
+pixel frequencies, so every 2x-oversampled reconstruction (its mean map, ``upsampling_factor=2``
+by default, and the kernel-regression state maps) backprojects frequency k to k/2. Measured:
+its mean map from noiseless images of one frame had FSC -0.43 at shell 3 against that frame
+(1.00 at every shell with the fix); the unfixed full pipeline's mean scored FSC-AUC 0.029.
+
 Usage (one heavy process at a time on the shared machine):
     nice -n 5 python experiments/exp_linear_adk.py --only jaxhet
     nice -n 5 python experiments/exp_linear_adk.py --only recovar --recovar-out /work/recovar_runs/pipeline_z4
@@ -174,10 +183,11 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
         return res
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     out_dir = out_dir or os.path.join(work, "recovar_pipeline")
-    cmd = [rec, "pipeline", os.path.join(d, "particles.mrcs"), "--poses", os.path.join(d, "poses.pkl"),
+    rec = [os.path.join(venv, "bin", "python"), "-c", _RECOVAR_CPU_FIX]
+    cmd = rec + ["pipeline", os.path.join(d, "particles.mrcs"), "--poses", os.path.join(d, "poses.pkl"),
            "--ctf", os.path.join(d, "ctf.pkl"), "-o", out_dir, "--mask", "from_halfmaps", "--zdim", "4",
            "--accept-cpu"]
-    res["pipeline_command"] = " ".join(cmd)
+    res["pipeline_command"] = " ".join(cmd[3:]) + "  (recovar CLI with the CPU fix, see _RECOVAR_CPU_FIX)"
     timing = _timed_run(cmd, env, out_dir, os.path.join(out_dir, "model"))
     if "error" in timing:
         res["error"] = "pipeline failed: " + timing["error"]
@@ -187,14 +197,14 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     z = np.load(_recovar_latents(out_dir, venv))
     res["spearman"] = float(abs(spearmanr(z[:, 0], labels).correlation))
     res["spearman_per_coordinate"] = [float(abs(spearmanr(z[:, j], labels).correlation)) for j in range(z.shape[1])]
-    # RECOVAR's own mean map, scored like jaxhet's mean (same 100 images), as written and with
-    # its array axes reversed (RECOVAR's projector reads the map as V[x, y, z]: checked by
-    # projecting a ground-truth map with recovar.core.slicing.slice_volume + its CTF, which
-    # reproduces the simulated images only for the reversed axes, correlation 0.998)
+    # RECOVAR's own mean map (unfiltered and its FSC-filtered mean_filt), scored like jaxhet's
+    # mean (same 100 images)
     from jaxhet import io as jio
-    rmean = jio.read_mrc(os.path.join(out_dir, "output", "volumes", "mean.mrc"))[0]
-    res["mean_fsc_auc"] = float(fsc_aucs(lambda i: rmean, sel, labels, gt).mean())
-    res["mean_fsc_auc_axes_reversed"] = float(fsc_aucs(lambda i: rmean.transpose(2, 1, 0), sel, labels, gt).mean())
+    # (its written maps are in our orientation: with the CPU fix the map as written scores 0.28
+    # on 2000 images, the axes-reversed one 0.12)
+    for name, key in [("mean", "mean_fsc_auc"), ("mean_filt", "mean_filt_fsc_auc")]:
+        rmean = jio.read_mrc(os.path.join(out_dir, "output", "volumes", f"{name}.mrc"))[0]
+        res[key] = float(fsc_aucs(lambda i: rmean, sel, labels, gt).mean())
     if not with_states:
         res["compute_state"] = "not run (--no-compute-state)"
         return res
@@ -202,8 +212,8 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     os.makedirs(work, exist_ok=True)
     pts = os.path.join(work, "recovar_points.txt")
     np.savetxt(pts, z[sel])
-    cmd = [rec, "compute_state", out_dir, "--latent-points", pts, "-o", cs_out]
-    res["compute_state_command"] = " ".join(cmd)
+    cmd = rec + ["compute_state", out_dir, "--latent-points", pts, "-o", cs_out]
+    res["compute_state_command"] = " ".join(cmd[3:]) + "  (with the CPU fix)"
     done = os.path.join(cs_out, "latent_coords.txt")
     if os.path.exists(done) and not np.allclose(np.loadtxt(done).reshape(len(sel), -1), z[sel], atol=1e-4):
         raise ValueError(f"{cs_out}: states of other latent points; remove it")
@@ -221,6 +231,32 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     if res["pipeline_cpu_seconds"] is not None and res["compute_state_cpu_seconds"] is not None:
         res["cpu_seconds"] = res["pipeline_cpu_seconds"] + res["compute_state_cpu_seconds"]
     return res
+
+
+_RECOVAR_CPU_FIX = """
+import sys
+from recovar.core import relion_interp as ri
+state = {"u": 1}
+orig_pf, orig_bp, orig_pj = ri._pixel_frequencies, ri.backproject, ri.project
+def pixel_frequencies(image_shape, half_image=False):
+    return orig_pf(image_shape, half_image=half_image) * state["u"]
+def oversampled(orig):
+    def f(a, rotations, image_shape, volume_shape, order=1, half_volume=False, half_image=False, max_r=None):
+        u = int(volume_shape[0]) // int(image_shape[0])
+        prev, state["u"] = state["u"], u
+        try:
+            return orig(a, rotations, image_shape, volume_shape, order=order, half_volume=half_volume,
+                        half_image=half_image, max_r=None if max_r is None else max_r * u)
+        finally:
+            state["u"] = prev
+    return f
+ri._pixel_frequencies = pixel_frequencies
+ri.backproject = oversampled(orig_bp)
+ri.project = oversampled(orig_pj)
+from recovar.command_line import main_commands
+sys.argv = ["recovar"] + sys.argv[1:]
+sys.exit(main_commands())
+"""
 
 
 def _timed_run(cmd, env, out_dir: str, done_path: str) -> dict:
@@ -324,6 +360,10 @@ def main(argv=None) -> int:
         if "mean_fsc_auc" in r:
             rows["RECOVAR mean map"] = dict(fsc_auc=r["mean_fsc_auc"], spearman=None,
                                             seconds=r.get("pipeline_seconds"), cpu_seconds=r.get("pipeline_cpu_seconds"))
+        if "mean_filt_fsc_auc" in r:
+            rows["RECOVAR mean map (FSC-filtered)"] = dict(fsc_auc=r["mean_filt_fsc_auc"], spearman=None,
+                                                           seconds=r.get("pipeline_seconds"),
+                                                           cpu_seconds=r.get("pipeline_cpu_seconds"))
         if "fsc_auc" in r:
             rows["RECOVAR (zdim 4, kernel regression)"] = dict(fsc_auc=r["fsc_auc"], spearman=r.get("spearman"),
                                                                seconds=r.get("seconds"),
@@ -338,6 +378,18 @@ def main(argv=None) -> int:
         print(f"(ground-truth oracle Spearman, posterior-mean frame: {result['oracle_spearman']:.3f})")
     if "recovar" in result and "error" in result["recovar"]:
         print("RECOVAR:", result["recovar"]["error"][:500])
+    if args.only is not None and os.path.exists(args.out):
+        # merge into the file as it is now (the other side may have been rerun meanwhile)
+        with open(args.out) as f:
+            now = json.load(f)
+        if now.get("eval_images") == result["eval_images"] and now.get("data") == result["data"]:
+            mine = (lambda n: n.startswith("RECOVAR")) if args.only == "recovar" else (lambda n: not n.startswith("RECOVAR"))
+            methods = {n: v for n, v in now.get("methods", {}).items() if not mine(n)}
+            methods.update({n: v for n, v in rows.items() if mine(n)})
+            keys = ["recovar"] if args.only == "recovar" else ["jaxhet_stage_seconds", "jaxhet_details", "jaxhet_options"]
+            now.update({k: result[k] for k in keys if k in result}, methods=methods,
+                       oracle_spearman=result["oracle_spearman"])
+            result = now
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", args.out)

@@ -13,7 +13,9 @@ against the ground truth (and of the known-pose map for reference).
 Information floor: the same E-step with the *ground-truth* map as reference, started at
 the true poses (local grid +/-6 deg, step 1 deg, all frequencies to Nyquist), on 1000
 images: the median error of its pose estimate is what a perfect reference allows at
-this SNR.
+this SNR. With ``--estimate mean`` this "floor" is optimistic: the window is centred on the
+true pose, so a posterior mean over it shrinks towards the truth (a prior no refinement
+has); the Cramer-Rao bound of experiments/exp_pose_bound.py is the reference.
 
     python experiments/exp_refine_adk.py [--iterations 6]
     python experiments/exp_refine_adk.py --snr 1.0 --n-images 5000   # a higher-SNR control

@@ -4,7 +4,8 @@ Data: ``jaxhet simulate --structure adk-transition -n 10000 --box 32 --pixel-siz
 (10^4 images uniform over the 98 frames of the closed -> open path; made here if absent).
 
 jaxhet pipeline (timed stage by stage): mean map by CG -> solvent mask and noise spectrum
--> covariance from images (principal volumes) -> PPCA by EM at D = 32 -> spectral
+-> covariance from images (principal volumes) -> PPCA by EM at D = 32 (at most --ppca-iters
+steps, evidence-based early stopping keeping the best iterate) -> spectral
 volumes (diffusion map of the PPCA coefficients, kernel reconstructions along the first
 coordinate, optional likelihood refinement of each image's position on the manifold).
 
@@ -91,7 +92,8 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, bandwidth: float, nodes: int):
+def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, bandwidth: float, nodes: int,
+               early_stop: bool = True):
     from jaxhet import io as jio
     from jaxhet.inference import (default_mask, estimate_covariance, fit_ppca, noise_psd_from_residuals,
                                   posterior_coefficients, prepare_images, solve_mean, spectral_volumes)
@@ -123,9 +125,10 @@ def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, ba
     clock.start()
     pp = fit_ppca(data, k, mean_volume=mres.volume, mean_inv_tau2=mres.inv_tau2, init_components=cov.components,
                   mask=mask, noise_psd=psd,
-                  n_iter=ppca_iters, tol=0, progress=True)
+                  n_iter=ppca_iters, early_stop=early_stop, progress=True)
     clock.stop("ppca")
     R["ppca_log_evidence"] = [float(x) for x in pp.log_evidence]
+    R["ppca_best_iteration"], R["ppca_stopped_early"] = int(pp.best_iteration), bool(pp.stopped_early)
     spec = {}
     for r in sorted({0, refine}):
         clock.start()
@@ -315,7 +318,8 @@ def main(argv=None) -> int:
                     help="run one side; the other's rows are kept from the existing --out file")
     ap.add_argument("--no-compute-state", action="store_true", help="skip RECOVAR's per-image maps")
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--ppca-iters", type=int, default=8)
+    ap.add_argument("--ppca-iters", type=int, default=8, help="PPCA EM steps at most")
+    ap.add_argument("--no-early-stop", action="store_true", help="PPCA: run all --ppca-iters steps")
     ap.add_argument("--refine", type=int, default=2, help="likelihood refinements of the spectral coordinate")
     ap.add_argument("--bandwidth", type=float, default=0.2)
     ap.add_argument("--nodes", type=int, default=15)
@@ -343,10 +347,11 @@ def main(argv=None) -> int:
         for name in [n for n in rows if not n.startswith("RECOVAR")]:
             del rows[name]
         jrows, T, R = run_jaxhet(args.data, args.k, args.ppca_iters, sel, labels, gt, args.refine, args.bandwidth,
-                                 args.nodes)
+                                 args.nodes, early_stop=not args.no_early_stop)
         rows.update(jrows)
         result.update(jaxhet_stage_seconds=T, jaxhet_details=R,
-                      jaxhet_options=dict(k=args.k, ppca_iters=args.ppca_iters, refine=args.refine,
+                      jaxhet_options=dict(k=args.k, ppca_iters=args.ppca_iters, ppca_early_stop=not args.no_early_stop,
+                                          refine=args.refine,
                                           bandwidth=args.bandwidth, nodes=args.nodes))
     if args.only != "jaxhet":
         for name in [n for n in rows if n.startswith("RECOVAR")]:

@@ -81,5 +81,64 @@ def test_ppca_coefficients_order_a_linear_family():
     direction = (vols[-1] - vols[0]).ravel()
     assert abs(np.corrcoef(res.volumes[1].ravel(), direction)[0, 1]) > 0.8
     le = np.asarray(res.log_evidence)
-    assert le[-1] > le[0]  # EM climbs the evidence
+    assert le.max() > le[0] and le[res.best_iteration] == le.max()  # EM climbs; the best iterate is kept
     assert res.mu.shape == (N, 1) and res.cov.shape == (N, 1, 1) and np.all(res.cov > 0)
+
+
+def _scripted_em(monkeypatch, evidence):
+    """fit_ppca with ppca_step / posterior_coefficients replaced by a script: the volumes
+    after j M-steps are filled with j and have log evidence evidence[j]."""
+    from types import SimpleNamespace
+
+    import jaxhet.inference._linear as lin
+    calls = dict(step=0, posterior=0)
+
+    def step(data, state, **kw):
+        calls["step"] += 1
+        j = state.iteration
+        n = state.mu.shape[0]
+        return lin.PPCAState(np.full_like(state.volumes, j + 1), state.noise_psd, state.tau2,
+                             np.full((n, 1), float(j), np.float32), state.cov,
+                             list(state.log_evidence) + [evidence[j]], j + 1)
+
+    def posterior(data, volumes, noise_psd, **kw):
+        calls["posterior"] += 1
+        n = 3
+        return (np.full((n, 1), float(volumes[0].flat[0]), np.float32), np.ones((n, 1, 1), np.float32),
+                np.full(n, evidence[int(volumes[0].flat[0])]))
+
+    monkeypatch.setattr(lin, "ppca_step", step)
+    monkeypatch.setattr(lin, "posterior_coefficients", posterior)
+    state = lin.PPCAState(np.zeros((2, 2, 2, 2), np.float32), np.ones(2, np.float32), np.ones((2, 2), np.float32),
+                          np.zeros((3, 1), np.float32), np.ones((3, 1, 1), np.float32), [], 0)
+    return SimpleNamespace(box_size=2), state, calls
+
+
+def test_ppca_early_stopping_keeps_the_best_iterate(monkeypatch):
+    # evidence of the volumes after j M-steps: peaks at j = 2, then falls
+    ev = [0.0, 1.0, 2.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.0]
+    data, state, calls = _scripted_em(monkeypatch, ev)
+    res = fit_ppca(data, 1, mask=np.ones((2, 2, 2), np.float32), state=state, n_iter=8, tol=0.0)
+    # stops at the E-step that sees the decrease (step 4 evaluates the volumes after 3 steps)
+    assert calls["step"] == 4 and res.stopped_early
+    assert res.best_iteration == 2 and np.all(res.volumes[0] == 2.0)
+    assert res.log_evidence == ev[:4]
+    assert calls["posterior"] == 0 and np.all(res.mu == 2.0)  # the best iterate's own E-step posteriors
+    # a tolerance stops on small improvements too: 0 -> 1 is below tol = 1.5
+    data, state, calls = _scripted_em(monkeypatch, ev)
+    res = fit_ppca(data, 1, mask=np.ones((2, 2, 2), np.float32), state=state, n_iter=8, tol=1.5)
+    assert calls["step"] == 2 and res.best_iteration == 1 and res.stopped_early and np.all(res.volumes[0] == 1.0)
+    # without early stopping every step runs and the last volumes are returned
+    data, state, calls = _scripted_em(monkeypatch, ev)
+    res = fit_ppca(data, 1, mask=np.ones((2, 2, 2), np.float32), state=state, n_iter=8, early_stop=False)
+    assert calls["step"] == 8 and calls["posterior"] == 1 and not res.stopped_early
+    assert res.best_iteration == 8 and np.all(res.volumes[0] == 8.0) and len(res.log_evidence) == 9
+
+
+def test_ppca_runs_to_n_iter_while_evidence_climbs_and_keeps_the_best(monkeypatch):
+    ev = [0.0, 1.0, 2.0, 3.0, 2.5]  # the last M-step's volumes (evaluated by the final pass) are worse
+    data, state, calls = _scripted_em(monkeypatch, ev)
+    res = fit_ppca(data, 1, mask=np.ones((2, 2, 2), np.float32), state=state, n_iter=4, tol=0.0)
+    assert calls["step"] == 4 and calls["posterior"] == 1 and not res.stopped_early
+    assert res.best_iteration == 3 and np.all(res.volumes[0] == 3.0) and res.log_evidence == ev
+    assert np.all(res.mu == 3.0)

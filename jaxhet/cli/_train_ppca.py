@@ -29,7 +29,11 @@ __all__ = ["TRAINER"]
 def _arguments(p: argparse.ArgumentParser) -> None:
     from jaxhet.cli._covariance import add_linear_particle_arguments
     add_linear_particle_arguments(p)
-    p.add_argument("--iters", type=int, default=12, help="EM iterations")
+    p.add_argument("--iters", type=int, default=12, help="EM iterations (at most)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="run all --iters EM steps (default: stop when the log evidence stops improving by "
+                        "--tol nats per image and keep the best iterate)")
+    p.add_argument("--tol", type=float, default=1e-3, help="early stopping: evidence improvement per image (nats)")
     p.add_argument("--cg-iter", type=int, default=6, help="PCG iterations per M-step")
     p.add_argument("--init", default="covariance", choices=["covariance", "random"],
                    help="initial components: covariance estimator or random maps")
@@ -79,8 +83,11 @@ def _run(args) -> int:
             init = np.zeros((0,) + mean.shape, np.float32)
     res = fit_ppca(data, args.k, mean_volume=mean, mean_inv_tau2=inv_tau2, init_components=init, mask=mask, noise_psd=psd,
                    n_iter=args.iters, cg_iter=args.cg_iter, seed=args.seed, fix_mean=not args.free_mean,
-                   progress=True, checkpoint=ckpt)
-    extra = dict(method="ppca", log_evidence=[float(x) for x in res.log_evidence],
+                   progress=True, checkpoint=ckpt, early_stop=not args.no_early_stop, tol=args.tol)
+    print(f"PPCA: kept the volumes after {res.best_iteration} M-steps (best log evidence)"
+          f"{'; stopped early' if res.stopped_early else ''}")
+    extra = dict(method="ppca", log_evidence=[float(x) for x in res.log_evidence], best_iteration=res.best_iteration,
+                 stopped_early=res.stopped_early,
                  noise_psd=np.asarray(res.noise_psd).tolist(), seconds_ppca=res.seconds)
     if args.spectral:
         sv = spectral_volumes(ds, res.mu, n_nodes=args.nodes, bandwidth=args.bandwidth, mask=res.mask,

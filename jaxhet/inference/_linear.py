@@ -1038,8 +1038,11 @@ class PPCAResult(NamedTuple):
     """Output of :func:`fit_ppca` (principal axes, dataset order).
 
     volumes [K+1, D, D, D] (X_0, X_1..X_K); mu [N, K] and cov [N, K, K] posterior of b;
-    noise_psd [D//2+1]; tau2 [K+1, D//2+1]; log_evidence per iteration; mask [D, D, D];
-    seconds.
+    noise_psd [D//2+1]; tau2 [K+1, D//2+1]; mask [D, D, D]; seconds.
+    log_evidence: mean log evidence per image (up to a constant) of the volumes after
+    j = 0, 1, ... M-steps (entry 0: the initial volumes); best_iteration: the j of the
+    returned volumes (the best evidence seen); stopped_early: the evidence stopped improving
+    before ``n_iter`` M-steps.
     """
 
     volumes: np.ndarray
@@ -1050,12 +1053,14 @@ class PPCAResult(NamedTuple):
     log_evidence: list
     mask: np.ndarray
     seconds: float
+    best_iteration: int = -1
+    stopped_early: bool = False
 
 
 def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, mean_inv_tau2=None,
              init_components=None, mask=None, noise_psd=None, n_iter: int = 15, cg_iter: int = 6,
-             pad_factor: int = 2, seed: int = 0, fix_mean: bool = True, tol: float = 1e-4, progress: bool = False,
-             checkpoint: str | None = None, state: PPCAState | None = None) -> PPCAResult:
+             pad_factor: int = 2, seed: int = 0, fix_mean: bool = True, early_stop: bool = True, tol: float = 1e-3,
+             progress: bool = False, checkpoint: str | None = None, state: PPCAState | None = None) -> PPCAResult:
     """Probabilistic PCA by EM (Tagare et al. 2015) at the images' box.
 
     Args:
@@ -1072,10 +1077,19 @@ def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, mean_
         n_iter: EM iterations. cg_iter: inner PCG iterations per M-step.
         fix_mean: keep X_0 at the initial (CG, Wiener-regularised) mean (default; the
             joint M-step's evidence prior for X_0 is weaker than the FSC-based one).
-        tol: stop when the mean log evidence per image improves by less than tol * |value|.
+        early_stop: evidence-based early stopping (default): EM stops as soon as the mean
+            log evidence per image (of the volumes entering an E-step) decreases or improves
+            by less than ``tol`` nats per image, and the volumes with the best evidence seen
+            are returned, with the posteriors of b that their E-step computed (no extra
+            pass). EM is not guaranteed to climb this evidence here (the priors tau2 and the
+            noise PSD are updated between steps, X_0 is fixed, the M-step's PCG is
+            truncated), and on the AdK data set it peaks after one M-step and then slowly
+            falls. With ``early_stop=False`` all ``n_iter`` steps run and the last volumes
+            are returned.
+        tol: the improvement threshold in nats per image (0: stop only on a decrease).
         progress: print per-iteration log evidence.
         checkpoint: path of an ``.npz`` written after every iteration (resumed from if it
-            exists and ``state`` is None).
+            exists and ``state`` is None; it keeps the best iterate too).
         state: a :class:`PPCAState` to continue from.
 
     Returns:
@@ -1084,8 +1098,9 @@ def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, mean_
     t0 = time.time()
     D = data.box_size
     K = int(n_components)
+    best = None  # (state whose volumes had the best evidence, their posteriors mu, cov)
     if state is None and checkpoint is not None and _exists(checkpoint):
-        state, mask = load_ppca_checkpoint(checkpoint)
+        state, mask, best = load_ppca_checkpoint(checkpoint, with_best=True)
     if state is None:
         if mean_volume is None:
             mres = solve_mean(data, mask=None, pad_factor=pad_factor)
@@ -1107,19 +1122,42 @@ def fit_ppca(data: PreparedImages, n_components: int, *, mean_volume=None, mean_
         state = init_ppca(data, np.asarray(mean_volume) * np.asarray(mask), init[:K] * np.asarray(mask), noise_psd,
                           mean_inv_tau2=mean_inv_tau2)
     mask = np.ones((D, D, D), np.float32) if mask is None else np.asarray(mask, np.float32)
-    while state.iteration < n_iter:
+    stopped = _evidence_stalled(state.log_evidence, tol) if early_stop else False
+    while state.iteration < n_iter and not stopped:
+        prev = state
         state = ppca_step(data, state, mask=mask, pad_factor=pad_factor, cg_iter=cg_iter, fix_mean=fix_mean)
+        le = state.log_evidence  # le[-1]: evidence of prev's volumes (its E-step), posteriors state.mu/cov
         if progress:
-            print(f"  PPCA EM {state.iteration}: log evidence/image {state.log_evidence[-1]:.4f}", flush=True)
+            print(f"  PPCA EM {state.iteration}: log evidence/image of the volumes after {len(le) - 1} M-steps "
+                  f"{le[-1]:.4f}", flush=True)
+        if best is None or le[-1] > best[0].log_evidence[-1]:
+            best = (prev._replace(log_evidence=list(le)), state.mu, state.cov)
+        stopped = early_stop and _evidence_stalled(le, tol)
         if checkpoint is not None:
-            save_ppca_checkpoint(checkpoint, state, mask)
-        le = state.log_evidence
-        if len(le) >= 2 and abs(le[-1] - le[-2]) < tol * abs(le[-1]):
-            break
-    # posteriors under the final volumes, then principal axes
-    mu, cov, _ = posterior_coefficients(data, state.volumes, state.noise_psd, mask=mask, pad_factor=pad_factor)
-    vols, mu, cov, _ = rotate_to_principal_axes(state.volumes, mu, cov)
-    return PPCAResult(vols, mu, cov, state.noise_psd, state.tau2, list(state.log_evidence), mask, time.time() - t0)
+            save_ppca_checkpoint(checkpoint, state, mask, best=best)
+    log_ev = list(state.log_evidence)
+    if stopped and best is not None:
+        final, mu, cov = best[0], best[1], best[2]
+        best_it = len(best[0].log_evidence) - 1
+    else:
+        # posteriors (and evidence) under the last volumes; keep them unless an earlier
+        # iterate had a better evidence (early stopping) -- the last M-step's evidence
+        # is then part of the record
+        mu, cov, lls = posterior_coefficients(data, state.volumes, state.noise_psd, mask=mask, pad_factor=pad_factor)
+        log_ev.append(float(np.mean(lls)))
+        final, best_it = state, len(log_ev) - 1
+        if early_stop and best is not None and best[0].log_evidence[-1] > log_ev[-1]:
+            final, mu, cov = best[0], best[1], best[2]
+            best_it = len(best[0].log_evidence) - 1
+    vols, mu, cov, _ = rotate_to_principal_axes(final.volumes, mu, cov)
+    return PPCAResult(vols, mu, cov, final.noise_psd, final.tau2, log_ev, mask, time.time() - t0,
+                      best_iteration=best_it, stopped_early=bool(stopped))
+
+
+def _evidence_stalled(log_evidence, tol: float) -> bool:
+    """True when the last entry of the evidence record improves on the previous one by less
+    than ``tol`` (a decrease included)."""
+    return len(log_evidence) >= 2 and log_evidence[-1] - log_evidence[-2] < tol
 
 
 def _exists(path):
@@ -1127,22 +1165,36 @@ def _exists(path):
     return os.path.exists(path)
 
 
-def save_ppca_checkpoint(path: str, state: PPCAState, mask) -> None:
-    """Write a :class:`PPCAState` (and mask) to ``path`` (.npz, atomically)."""
+def save_ppca_checkpoint(path: str, state: PPCAState, mask, best=None) -> None:
+    """Write a :class:`PPCAState` (and mask, and optionally the best iterate ``(state, mu,
+    cov)`` of :func:`fit_ppca`'s early stopping) to ``path`` (.npz, atomically)."""
     import os
     tmp = path + ".tmp.npz"
+    extra = {}
+    if best is not None:
+        b, bmu, bcov = best
+        extra = dict(best_volumes=b.volumes, best_noise_psd=b.noise_psd, best_tau2=b.tau2, best_mu=bmu,
+                     best_cov=bcov, best_log_evidence=np.asarray(b.log_evidence, np.float64),
+                     best_iteration=b.iteration)
     np.savez(tmp, volumes=state.volumes, noise_psd=state.noise_psd, tau2=state.tau2, mu=state.mu, cov=state.cov,
              log_evidence=np.asarray(state.log_evidence, np.float64), iteration=state.iteration,
-             mask=np.asarray(mask, np.float32))
+             mask=np.asarray(mask, np.float32), **extra)
     os.replace(tmp, path)
 
 
-def load_ppca_checkpoint(path: str):
-    """Read ``(PPCAState, mask)`` written by :func:`save_ppca_checkpoint`."""
+def load_ppca_checkpoint(path: str, with_best: bool = False):
+    """Read ``(PPCAState, mask)`` written by :func:`save_ppca_checkpoint`; with
+    ``with_best``, ``(PPCAState, mask, best)`` with best ``(state, mu, cov)`` or None."""
     with np.load(path) as f:
         st = PPCAState(f["volumes"], f["noise_psd"], f["tau2"], f["mu"], f["cov"], list(f["log_evidence"]),
                        int(f["iteration"]))
-        return st, f["mask"]
+        if not with_best:
+            return st, f["mask"]
+        best = None
+        if "best_volumes" in f:
+            best = (PPCAState(f["best_volumes"], f["best_noise_psd"], f["best_tau2"], f["best_mu"], f["best_cov"],
+                              list(f["best_log_evidence"]), int(f["best_iteration"])), f["best_mu"], f["best_cov"])
+        return st, f["mask"], best
 
 
 def default_mask(volume, pixel_size: float, extend_in_angstroms: float = 6.0, soft_in_angstroms: float = 8.0):

@@ -146,32 +146,38 @@ def run_jaxhet(d: str, k: int, ppca_iters: int, sel, labels, gt, refine: int, ba
     out = {}
     mean_masked = mres.volume * mask
     base = ("load", "mean_cg", "mask_noise")
-    out["mean map (CG, masked)"] = dict(
-        fsc_auc=float(fsc_aucs(lambda i: mean_masked, sel, lab, gt).mean()), spearman=None, **tot(*base))
-    out["covariance (K=%d), V(b)" % k] = dict(
-        fsc_auc=float(fsc_aucs(lambda i: vols_cov[0] + np.tensordot(mu_cov[i], vols_cov[1:], 1), sel, lab, gt).mean()),
+    out["mean map (CG, masked)"] = _row(lambda i: mean_masked, sel, lab, gt, spearman=None, **tot(*base))
+    out["covariance (K=%d), V(b)" % k] = _row(
+        lambda i: vols_cov[0] + np.tensordot(mu_cov[i], vols_cov[1:], 1), sel, lab, gt,
         spearman=float(abs(spearmanr(mu_cov[:, 0], lab).correlation)),
         **tot(*base, "covariance", "covariance_coefficients"))
     tp = (*base, "covariance", "ppca")
-    out["PPCA (K=%d), V(b)" % k] = dict(
-        fsc_auc=float(fsc_aucs(lambda i: pp.volumes[0] + np.tensordot(pp.mu[i], pp.volumes[1:], 1), sel, lab,
-                               gt).mean()),
+    out["PPCA (K=%d), V(b)" % k] = _row(
+        lambda i: pp.volumes[0] + np.tensordot(pp.mu[i], pp.volumes[1:], 1), sel, lab, gt,
         spearman=float(abs(spearmanr(pp.mu[:, 0], lab).correlation)), **tot(*tp))
     for r, sv in spec.items():
         name = "PPCA + spectral volumes" + (f" (refined x{r})" if r else "")
-        out[name] = dict(fsc_auc=float(fsc_aucs(lambda i: sv.map_of(sv.u[i]), sel, lab, gt).mean()),
+        out[name] = _row(lambda i: sv.map_of(sv.u[i]), sel, lab, gt,
                          spearman=float(abs(spearmanr(sv.u, lab).correlation)),
                          spearman_diffusion_coordinate=float(abs(spearmanr(sv.diffusion.coords[:, 0], lab).correlation)),
                          **tot(*tp, f"spectral_refine{r}"))
-        out[name + ", posterior-mean map"] = dict(
-            fsc_auc=float(fsc_aucs(lambda i: sv.posterior_map(i), sel, lab, gt).mean()),
+        out[name + ", posterior-mean map"] = _row(
+            lambda i: sv.posterior_map(i), sel, lab, gt,
             spearman=float(abs(spearmanr(sv.node_posterior @ sv.nodes, lab).correlation)),
             **tot(*tp, f"spectral_refine{r}"))
     R["stage_cpu_seconds"] = C
     return out, T, R
 
 
-def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str, with_states: bool = True):
+def _row(maps_fn, sel, labels, gt, **kw):
+    """A result row: mean FSC-AUC over the evaluation images, and the per-image values (so
+    that a method scored on a subset of them can be compared on the same images)."""
+    a = fsc_aucs(maps_fn, sel, labels, gt)
+    return dict(fsc_auc=float(a.mean()), fsc_auc_per_image=[round(float(x), 5) for x in a], **kw)
+
+
+def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str, with_states: bool = True,
+                n_states: int | None = None):
     """RECOVAR pipeline + compute_state at the evaluation images' embeddings.
 
     Timings: wall seconds and CPU seconds (user + system of the child processes). A run
@@ -211,6 +217,10 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     if not with_states:
         res["compute_state"] = "not run (--no-compute-state)"
         return res
+    # compute_state costs one kernel regression (n_bins reconstructions) per point: on the
+    # shared CPU machine it may be run on the first n_states evaluation images only
+    sel = sel[:n_states] if n_states else sel
+    res["n_states"] = int(len(sel))
     cs_out = os.path.join(work, "recovar_states")
     os.makedirs(work, exist_ok=True)
     pts = os.path.join(work, "recovar_points.txt")
@@ -229,7 +239,9 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     vols = _recovar_state_maps(sorted(glob.glob(os.path.join(cs_out, "*.mrc"))), len(sel))
     res["n_maps"] = len(vols)
     from jaxhet.analysis import map_fsc_auc
-    res["fsc_auc"] = float(np.mean([map_fsc_auc(v, gt[labels[i]]) for v, i in zip(vols, sel)]))
+    per = [float(map_fsc_auc(v, gt[labels[i]])) for v, i in zip(vols, sel)]
+    res["fsc_auc"] = float(np.mean(per))
+    res["fsc_auc_per_image"] = [round(x, 5) for x in per]
     res["seconds"] = res["pipeline_seconds"] + res["compute_state_seconds"]
     if res["pipeline_cpu_seconds"] is not None and res["compute_state_cpu_seconds"] is not None:
         res["cpu_seconds"] = res["pipeline_cpu_seconds"] + res["compute_state_cpu_seconds"]
@@ -383,6 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["jaxhet", "recovar"], default=None,
                     help="run one side; the other's rows are kept from the existing --out file")
     ap.add_argument("--no-compute-state", action="store_true", help="skip RECOVAR's per-image maps")
+    ap.add_argument("--recovar-states", type=int, default=None,
+                    help="RECOVAR compute_state on the first N evaluation images only (default: all 100)")
     ap.add_argument("--check-recovar-fix", action="store_true",
                     help="only measure RECOVAR's reconstruction of noiseless images with and without the CPU fix "
                          "(into the JSON's recovar_fix_check)")
@@ -437,7 +451,7 @@ def main(argv=None) -> int:
             del rows[name]
         try:
             result["recovar"] = run_recovar(args.data, args.recovar_venv, args.recovar_out, sel, labels, gt, args.work,
-                                            with_states=not args.no_compute_state)
+                                            with_states=not args.no_compute_state, n_states=args.recovar_states)
         except Exception as e:  # report precisely why it could not run
             result["recovar"] = dict(error=f"{type(e).__name__}: {e}")
         r = result["recovar"]
@@ -451,7 +465,9 @@ def main(argv=None) -> int:
         if "fsc_auc" in r:
             rows["RECOVAR (zdim 4, kernel regression)"] = dict(fsc_auc=r["fsc_auc"], spearman=r.get("spearman"),
                                                                seconds=r.get("seconds"),
-                                                               cpu_seconds=r.get("cpu_seconds"))
+                                                               cpu_seconds=r.get("cpu_seconds"),
+                                                               n_eval=r.get("n_states"),
+                                                               fsc_auc_per_image=r.get("fsc_auc_per_image"))
     result["oracle_spearman"] = _oracle_spearman()
     print(f"{'method':42s} {'Spearman |rho|':>15s} {'FSC-AUC':>9s} {'wall (s)':>9s} {'CPU (s)':>9s}")
     for name, v in rows.items():
@@ -474,10 +490,25 @@ def main(argv=None) -> int:
             now.update({k: result[k] for k in keys if k in result}, methods=methods,
                        oracle_spearman=result["oracle_spearman"])
             result = now
+    _same_images(result)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", args.out)
     return 0
+
+
+def _same_images(result) -> None:
+    """Rows scored on fewer than all evaluation images get every other row's FSC-AUC on the
+    same (first n) images, ``fsc_auc_same_images``."""
+    rows = result.get("methods", {})
+    for name, r in rows.items():
+        n = r.get("n_eval")
+        if not n or n >= len(result["eval_images"]):
+            continue
+        r["fsc_auc_same_images"] = {o: float(np.mean(v["fsc_auc_per_image"][:n])) for o, v in rows.items()
+                                    if o != name and v.get("fsc_auc_per_image")}
+        print(f"{name}: FSC-AUC on its {n} images {r['fsc_auc']:.4f}; the others on them: " +
+              ", ".join(f"{o} {x:.4f}" for o, x in r["fsc_auc_same_images"].items()))
 
 
 def _oracle_spearman():

@@ -322,7 +322,13 @@ RECOVAR_STATUS = (
     "recovar_fix_check: FSC vs the frame from 1500 noiseless images, oversampling 2, unfixed -0.43 at shell 3, fixed "
     ">= 0.98 at every shell. 2000-image mean-only run: mean.mrc FSC-AUC 0.029 unfixed -> 0.281 fixed (mean_filt 0.327). "
     "Its 'Estimated variance resolution is < 0' warning remains with the fix (its variance estimate at SNR 0.05 "
-    "and D=32 goes negative from shell 4; it then bounds the noise itself).")
+    "and D=32 goes negative from shell 4; it then bounds the noise itself). Full pipeline with the fix "
+    "(/work/recovar_runs/pipeline_z4_cpufix): mean FSC-AUC 0.304, FSC-filtered mean 0.330 (jaxhet CG mean 0.317), "
+    "Spearman of its first latent 0.813, 1594 s wall / 1262 s CPU. Its per-image maps (compute_state, kernel "
+    "regression) cost about 10 min per state on this shared 2-core CPU (two halfset kernel estimates of ~110 s "
+    "each, then its local-resolution selection), so 100 states (~17 h) were not run; a 5-state run "
+    "(--recovar-states 5) was paused by a SIGSTOP from outside this script while another job ran and did not "
+    "finish in the session: RECOVAR's per-image FSC-AUC is still missing.")
 
 
 def recovar_fix_check(d: str, venv: str) -> dict:

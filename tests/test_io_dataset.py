@@ -96,15 +96,20 @@ def test_fourier_downsample_matches_analytic_band_limited_image():
     expected = _band_limited(D, freqs, np.meshgrid(cn, cn, indexing="ij"))
     got = fourier_downsample(img[None].astype(np.float32), Dn)[0]
     assert got.shape == (Dn, Dn)
-    np.testing.assert_allclose(got, expected, atol=2e-5)
-    # pixel values are kept: a constant image stays the same constant
-    np.testing.assert_allclose(fourier_downsample(np.full((2, 33, 33), 4.0), 10), 4.0, rtol=1e-6)
+    # mass is kept: the coarse pixels hold (D/D')^2 fine pixels' worth of the same image
+    np.testing.assert_allclose(got, expected * (D / Dn) ** 2, atol=2e-5 * (D / Dn) ** 2)
+    # a constant image keeps its sum (and its DFT values), as core.downsample_2d
+    np.testing.assert_allclose(fourier_downsample(np.full((2, 33, 33), 4.0), 10), 4.0 * (33 / 10) ** 2, rtol=1e-6)
+    from jaxhet.core import downsample_2d
+    np.testing.assert_allclose(got, np.asarray(downsample_2d(img.astype(np.float32), Dn)), rtol=1e-4, atol=1e-3)
     # odd original box
     D2 = 45
     c2 = np.arange(D2) - D2 // 2
     img2 = _band_limited(D2, freqs[:3], np.meshgrid(c2, c2, indexing="ij"))
     cn2 = (np.arange(16) - 8) * (D2 / 16)
-    np.testing.assert_allclose(fourier_downsample(img2, 16), _band_limited(D2, freqs[:3], np.meshgrid(cn2, cn2, indexing="ij")), atol=2e-5)
+    np.testing.assert_allclose(fourier_downsample(img2, 16),
+                               _band_limited(D2, freqs[:3], np.meshgrid(cn2, cn2, indexing="ij")) * (D2 / 16) ** 2,
+                               atol=2e-5 * (D2 / 16) ** 2)
     with pytest.raises(JaxhetInputError, match="must be even"):
         fourier_downsample(img, 25)
 
@@ -122,9 +127,9 @@ def test_dataset_downsampling_scales_pixels_and_origins(tmp_path, rng):
     assert ds.image_size == Dn and ds.pixel_size_in_angstroms == pytest.approx(6.0)
     (b,) = list(ds.batches(8))
     cn = (np.arange(Dn) - Dn // 2) * (D / Dn)
-    expected = _band_limited(D, freqs, np.meshgrid(cn, cn, indexing="ij"))
-    np.testing.assert_allclose(b.images[0], expected, atol=2e-5)
-    np.testing.assert_allclose(b.images[1], 2 * expected, atol=4e-5)
+    expected = _band_limited(D, freqs, np.meshgrid(cn, cn, indexing="ij")) * (D / Dn) ** 2  # mass per pixel
+    np.testing.assert_allclose(b.images[0], expected, atol=2e-4)
+    np.testing.assert_allclose(b.images[1], 2 * expected, atol=4e-4)
     np.testing.assert_allclose(b.origin_in_pixels, [[1.0, -2.0], [0.0, 0.5]])
     assert b.pixel_size_in_angstroms == pytest.approx(6.0)
     for bad in (15, 50, 0):

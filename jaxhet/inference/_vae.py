@@ -386,15 +386,14 @@ def _as_source(particles, downsample: int | None):
 
 
 def _intensity_scale(source) -> float:
-    """Factor restoring jaxhet's mass-per-pixel normalisation after io downsampling.
+    """Factor applied to the images before training: 1.
 
-    ``jaxhet.io.fourier_downsample`` keeps pixel *values* (DFT values shrink by (D'/D)^2);
-    jaxhet's models need DFT values independent of the box (core.downsample_2d).
+    ``jaxhet.io`` downsampling keeps DFT values (mass per pixel), which is what jaxhet's
+    models need, so no compensation is needed; the factor is kept in the checkpoint
+    metadata (``intensity_scale``) so older checkpoints, written when io kept pixel values
+    and this factor was (D/D')^2, still describe their training data.
     """
-    box = getattr(source, "box", None)
-    if box is None:
-        return 1.0
-    return float(box / source.image_size) ** 2
+    return 1.0
 
 
 def _to_batch(b, n_images: int, batch_size: int, iscale: float, has_ctf: bool) -> _Batch:

@@ -9,13 +9,13 @@ bounded queue, so memory does not grow with the number of particles.
 Downsampling (``downsample_to=D'``) crops the centred 2D Fourier transform of each D x D
 image to D' x D' (frequencies -D'/2 .. D'/2 - 1 cycles per box) and transforms back. The
 pixel size becomes ``pixel_size * D / D'`` and origins (in pixels) scale by ``D' / D``.
-Intensity convention: the result is the same band-limited image sampled on the coarser
-grid, i.e. pixel VALUES are preserved (a constant image stays the same constant; a
-band-limited image equals its values at the new pixel centres; the centre pixel D//2 maps
-to D'//2). With numpy's unnormalised FFT this means multiplying the cropped transform by
-(D'/D)^2 before the inverse. White noise of standard deviation s per pixel becomes white
-noise of s * D'/D. (cryoDRGN's ``downsample`` instead keeps the sum of the pixels, which
-makes its images (D/D')^2 times larger than these.)
+Intensity convention (jaxhet's, as ``jaxhet.core.downsample_2d`` and cryoDRGN's
+``downsample``): images hold mass per pixel, so cropping keeps the DFT values and the
+sum of the pixels; the coarse image equals the band-limited image sampled at the new
+pixel centres times (D/D')^2 (the centre pixel D//2 maps to D'//2). White noise of
+standard deviation s per pixel becomes white noise of s * D/D'. A map reconstructed
+from downsampled images is then the map of the full-size data Fourier-cropped
+(``jaxhet.core.downsample_3d``), whatever the box.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ParticleBatch(NamedTuple):
 
 
 def fourier_downsample(images, new_box: int) -> np.ndarray:
-    """Fourier-crop images [..., D, D] to [..., D', D'] keeping pixel values (see module doc).
+    """Fourier-crop images [..., D, D] to [..., D', D'] keeping their DFT values (mass; module doc).
 
     Args:
         images: real images, last two axes square (D may be odd).
@@ -84,7 +84,7 @@ def fourier_downsample(images, new_box: int) -> np.ndarray:
     Fc = F[..., rows, :h + 1]
     out = scipy.fft.irfft2(Fc, s=(new_box, new_box), axes=(-2, -1))
     out = np.fft.fftshift(out, axes=(-2, -1))
-    return (out * (new_box / D) ** 2).astype(np.float32)
+    return out.astype(np.float32)  # numpy's unnormalised FFTs: DFT values unchanged
 
 
 class ParticleDataset:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -214,6 +215,22 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
     for name, key in [("mean", "mean_fsc_auc"), ("mean_filt", "mean_filt_fsc_auc")]:
         rmean = jio.read_mrc(os.path.join(out_dir, "output", "volumes", f"{name}.mrc"))[0]
         res[key] = float(fsc_aucs(lambda i: rmean, sel, labels, gt).mean())
+    # its linear model at each image's embedding: mean + sum_k z_k u_k (the written eigen
+    # volumes u_k are the basis its embedding is computed in; same scale as mean.mrc)
+    # Scored with its mean as written and with its FSC-filtered mean, on 1, 2 and 4
+    # components; the row reported is the best of these six, chosen on the evaluation
+    # images themselves (optimistic for RECOVAR).
+    variants = {}
+    for base in ("mean", "mean_filt"):
+        for kk in (1, 2, 4):
+            a = fsc_aucs(_recovar_linear_maps(out_dir, z[:, :kk], base), sel, labels, gt)
+            variants[f"{base} + U[:, :{kk}] z"] = dict(fsc_auc=float(a.mean()),
+                                                        per_image=[round(float(x), 5) for x in a])
+    best = max(variants, key=lambda v: variants[v]["fsc_auc"])
+    res["linear_variants_fsc_auc"] = {v: x["fsc_auc"] for v, x in variants.items()}
+    res["linear_best"] = best
+    res["linear_fsc_auc"] = variants[best]["fsc_auc"]
+    res["linear_fsc_auc_per_image"] = variants[best]["per_image"]
     if not with_states:
         res["compute_state"] = "not run (--no-compute-state)"
         return res
@@ -328,7 +345,11 @@ RECOVAR_STATUS = (
     "regression) cost about 10 min per state on this shared 2-core CPU (two halfset kernel estimates of ~110 s "
     "each, then its local-resolution selection), so 100 states (~17 h) were not run; a 5-state run "
     "(--recovar-states 5) was paused by a SIGSTOP from outside this script while another job ran and did not "
-    "finish in the session: RECOVAR's per-image FSC-AUC is still missing.")
+    "finish in the session. Per-image maps from RECOVAR's own outputs instead: its linear model at each image's "
+    "embedding (mean + U z, written mean/eigen volumes; best of 6 variants mean or mean_filt x 1, 2, 4 components: "
+    "mean_filt + 1 component, FSC-AUC 0.3315 on the 100 images, vs jaxhet's spectral posterior-mean 0.3438); and "
+    "2 kernel-regression states from a 3-state compute_state stopped by the session end "
+    "(--score-partial-states): 0.287 on those 2 images, jaxhet 0.338 on the same images.")
 
 
 def recovar_fix_check(d: str, venv: str) -> dict:
@@ -380,6 +401,39 @@ def _recovar_latents(out_dir: str, venv: str) -> str:
     return dst
 
 
+def _recovar_linear_maps(out_dir: str, z, base: str = "mean"):
+    """``i -> mean + sum_k z[i, k] eigen_k``: RECOVAR's linear (PCA) map of image i, from the
+    pipeline's ``mean.mrc`` and ``eigen_pos000k.mrc`` (real space, written by the same
+    linear ``save_volume``)."""
+    from jaxhet import io as jio
+    vd = os.path.join(out_dir, "output", "volumes")
+    mean = jio.read_mrc(os.path.join(vd, f"{base}.mrc"))[0].astype(np.float64)
+    U = np.stack([jio.read_mrc(os.path.join(vd, f"eigen_pos{k:04d}.mrc"))[0] for k in range(z.shape[1])], -1)
+    return lambda i: mean + U.astype(np.float64) @ np.asarray(z[i], np.float64)
+
+
+def score_partial_states(work: str, out_dir: str, sel, labels, gt, rows) -> dict:
+    """FSC-AUC of the kernel-regression maps an unfinished ``compute_state`` left in
+    ``work/recovar_states`` (points = embeddings of the first evaluation images), beside
+    every jaxhet row on the same images."""
+    import glob
+    from jaxhet.analysis import map_fsc_auc
+    pts = np.loadtxt(os.path.join(work, "recovar_points.txt")).reshape(-1, 4)
+    z = np.load(os.path.join(out_dir, "jaxhet_zs_4.npy"))
+    if not np.allclose(pts, z[sel[:len(pts)]], atol=1e-4):
+        raise ValueError(f"{work}: its points are not the embeddings of the first evaluation images")
+    files = sorted(f for f in glob.glob(os.path.join(work, "recovar_states", "state*.mrc"))
+                   if re.fullmatch(r"state\d{3}\.mrc", os.path.basename(f)))
+    vols = _recovar_state_maps(files, len(pts))
+    per = [float(map_fsc_auc(v, gt[labels[i]])) for v, i in zip(vols, sel)]
+    n = len(per)
+    return dict(work=work, n_points=int(len(pts)), n_maps=n, fsc_auc_per_image=[round(x, 5) for x in per],
+                fsc_auc=float(np.mean(per)) if n else None,
+                others_same_images={k: float(np.mean(v["fsc_auc_per_image"][:n])) for k, v in rows.items()
+                                    if v.get("fsc_auc_per_image") and n},
+                note="compute_state was stopped (session end) before all points were done; filtered maps")
+
+
 def _recovar_state_maps(files, n):
     """The n filtered state maps written by compute_state (``<prefix>NNN.mrc``), in order."""
     import re
@@ -403,6 +457,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compute-state", action="store_true", help="skip RECOVAR's per-image maps")
     ap.add_argument("--recovar-states", type=int, default=None,
                     help="RECOVAR compute_state on the first N evaluation images only (default: all 100)")
+    ap.add_argument("--score-partial-states", default=None, metavar="DIR",
+                    help="score the state maps an unfinished compute_state run left in DIR (its "
+                         "recovar_states/ and recovar_points.txt) against jaxhet on the same images "
+                         "(into the JSON's recovar_partial_states)")
     ap.add_argument("--check-recovar-fix", action="store_true",
                     help="only measure RECOVAR's reconstruction of noiseless images with and without the CPU fix "
                          "(into the JSON's recovar_fix_check)")
@@ -432,6 +490,16 @@ def main(argv=None) -> int:
         if old.get("eval_images") == result["eval_images"] and old.get("data") == result["data"]:
             result = old
     rows = result["methods"]
+    if args.score_partial_states:
+        with open(args.out) as f:
+            now = json.load(f)
+        part = score_partial_states(args.score_partial_states, args.recovar_out, sel, labels, gt,
+                                    now.get("methods", {}))
+        print(json.dumps(part, indent=1))
+        now["recovar_partial_states"] = part
+        with open(args.out, "w") as f:
+            json.dump(now, f, indent=1)
+        return 0
     if args.check_recovar_fix:
         chk = recovar_fix_check(args.data, args.recovar_venv)
         print(json.dumps(chk))
@@ -468,6 +536,10 @@ def main(argv=None) -> int:
             rows["RECOVAR mean map (FSC-filtered)"] = dict(fsc_auc=r["mean_filt_fsc_auc"], spearman=None,
                                                            seconds=r.get("pipeline_seconds"),
                                                            cpu_seconds=r.get("pipeline_cpu_seconds"))
+        if "linear_fsc_auc" in r:
+            rows[f"RECOVAR linear map at z ({r['linear_best']}, best of 6)"] = dict(
+                fsc_auc=r["linear_fsc_auc"], spearman=r.get("spearman"), seconds=r.get("pipeline_seconds"),
+                cpu_seconds=r.get("pipeline_cpu_seconds"), fsc_auc_per_image=r["linear_fsc_auc_per_image"])
         if "fsc_auc" in r:
             rows["RECOVAR (zdim 4, kernel regression)"] = dict(fsc_auc=r["fsc_auc"], spearman=r.get("spearman"),
                                                                seconds=r.get("seconds"),

@@ -356,7 +356,15 @@ def stage_tune(a):
                     seed=0, **over)
     out = os.path.join(a.work, f"tune_{a.tag}")
     rows = []
+    ck = os.path.join(out, "checkpoint.npz")
+    if os.path.exists(ck) and os.path.exists(RESULTS):  # resuming: keep the rows of finished epochs
+        with np.load(ck) as f:
+            done = int(json.loads(bytes(f["__meta__"]).decode())["epoch"])
+        old = json.load(open(RESULTS)).get(f"tune_{a.tag}", {}).get("epochs", [])
+        rows = [r for r in old if r["epoch"] <= done]
     for e in range(1, a.epochs + 1):
+        if any(r["epoch"] == e for r in rows):
+            continue  # evaluated when that epoch finished (the checkpoint is past it now)
         t0 = time.time()
         res = train_vae(data, out, dataclasses.replace(cfg, epochs=e), resume=e > 1 or
                         os.path.exists(os.path.join(out, "checkpoint.npz")), progress=False,

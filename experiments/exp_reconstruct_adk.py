@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".venv", "bin")
 OUT = os.path.join(ROOT, "experiments", "out", "reconstruct_adk")
 RESULTS = os.path.join(ROOT, "experiments", "results", "reconstruct_adk.json")
+REPEATS = int(os.environ.get("REPEATS", "3"))
 
 
 def timed(cmd, log):
@@ -64,13 +65,21 @@ def main():
     gt, _ = read_mrc(os.path.join(sim, "gt", "frame_000.mrc"))
     load = os.getloadavg()
     runs = {}
-    # jaxhet (default: shell Wiener filter), then cryoDRGN; each end to end
+    # jaxhet (default: shell Wiener filter), then cryoDRGN; each end to end, alternating,
+    # REPEATS times: the median of each (a single run of either varies by up to ~40%)
     jdir = os.path.join(OUT, "jaxhet")
-    runs["jaxhet"] = timed([os.path.join(BIN, "jaxhet"), "reconstruct", stack, "--poses", poses, "--ctf", ctf,
-                            "-o", os.path.join(jdir, "map.mrc"), "--force"], os.path.join(OUT, "jaxhet.log"))
     cdir = os.path.join(OUT, "cryodrgn")
-    runs["cryodrgn"] = timed([os.path.join(BIN, "cryodrgn"), "backproject_voxel", stack, "--poses", poses, "--ctf",
-                              ctf, "-o", cdir], os.path.join(OUT, "cryodrgn.log"))
+    cmds = {"jaxhet": [os.path.join(BIN, "jaxhet"), "reconstruct", stack, "--poses", poses, "--ctf", ctf,
+                       "-o", os.path.join(jdir, "map.mrc"), "--force"],
+            "cryodrgn": [os.path.join(BIN, "cryodrgn"), "backproject_voxel", stack, "--poses", poses, "--ctf",
+                         ctf, "-o", cdir]}
+    every = {k: [] for k in cmds}
+    for _ in range(REPEATS):
+        for name, cmd in cmds.items():
+            every[name].append(timed(cmd, os.path.join(OUT, f"{name}.log")))
+    for name, rs in every.items():
+        runs[name] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        runs[name]["all_runs"] = rs
     maps = {"jaxhet": read_mrc(os.path.join(jdir, "map.mrc"))[0],
             "cryodrgn": read_mrc(os.path.join(cdir, "backproject.mrc"))[0]}
     # jaxhet variants (not timed)
@@ -96,7 +105,8 @@ def main():
             mse_after_scale=float(np.mean(((m * (m * gt).sum() / (m * m).sum()) - gt) ** 2)))
     perfect = fsc_auc(fsc(gt, gt), True)
     res = dict(data="jaxhet simulate adk-closed, 10000 images, D=64, 2 A/px, SNR 0.1", load_average=load,
-               note="timings on a shared, loaded 2-core machine: compare the ratio, not the seconds",
+               note=f"timings: median of {REPEATS} alternating end-to-end runs of each tool on a 2-core machine "
+                    "with no other job running; compare the ratio, not the seconds",
                runs=runs, accuracy=table, speedup_wall=runs["cryodrgn"]["wall_s"] / runs["jaxhet"]["wall_s"],
                speedup_cpu=runs["cryodrgn"]["cpu_s"] / runs["jaxhet"]["cpu_s"],
                perfect_map_fsc_auc_normalized=perfect)
@@ -106,7 +116,8 @@ def main():
     print(f"load average at start: {load}")
     print(f"{'tool':10s} {'wall s':>8s} {'CPU s':>8s} {'RSS MB':>8s}")
     for k, v in runs.items():
-        print(f"{k:10s} {v['wall_s']:8.1f} {v['cpu_s']:8.1f} {v['peak_rss_mb']:8.0f}")
+        print(f"{k:10s} {v['wall_s']:8.1f} {v['cpu_s']:8.1f} {v['peak_rss_mb']:8.0f}   (wall of each run: "
+              + ", ".join(f"{r['wall_s']:.1f}" for r in v["all_runs"]) + ")")
     print(f"speed-up (cryoDRGN / jaxhet): wall {res['speedup_wall']:.1f}x, CPU {res['speedup_cpu']:.1f}x")
     print(f"\nFSC-AUC vs ground truth (normalized; a perfect map scores {perfect:.4f} at D=64)")
     print(f"{'map':36s} {'unmasked':>9s} {'raw':>7s} {'GT mask':>8s} {'own mask':>9s} {'MSE':>10s}")

@@ -20,6 +20,7 @@ has); the Cramer-Rao bound of experiments/exp_pose_bound.py is the reference.
     python experiments/exp_refine_adk.py [--iterations 6]
     python experiments/exp_refine_adk.py --snr 1.0 --n-images 5000   # a higher-SNR control
     python experiments/exp_refine_adk.py --estimate mean --final-step 0.5 --final-iterations 2 --tag mean
+    python experiments/exp_refine_adk.py --estimate mean --leave-out-folds 4 --tag mean_loo4
 
     python experiments/exp_refine_adk.py --self-bias-check   # after a run: E-step diagnostic
 
@@ -70,6 +71,8 @@ def main():
     ap.add_argument("--final-iterations", type=int, default=0, help="how many of those")
     ap.add_argument("--floor-images", type=int, default=1000)
     ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--leave-out-folds", type=int, default=0,
+                    help="align each fold to its half map without its own images (refine(leave_out_folds=K))")
     a = ap.parse_args()
     global SIM, OUT, RESULTS
     suffix = f"_{a.tag}" if a.tag else ""
@@ -142,7 +145,7 @@ def main():
         sched += [SearchStage("local", a.final_step, 4 * a.final_step, 0.5, 0.25)] * a.final_iterations
     res = refine(ds, rotations=R0, origin_in_pixels=table.origin_in_pixels.astype(np.float32), schedule=sched,
                  initial_resolution_in_angstroms=20.0, batch_size=a.batch_size, callback=cb,
-                 pose_estimate=a.estimate, m_step=a.m_step)
+                 pose_estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds)
     wall = time.time() - t0
     e = np.asarray(rotation_angle_between(jnp.asarray(res.rotations), jnp.asarray(R_true)))
     auc = map_fsc_auc(res.reconstruction.volume, gt, normalized=True)
@@ -156,7 +159,7 @@ def main():
                refined_map_fsc_auc_normalized=auc,
                known_pose_map_fsc_auc_normalized=map_fsc_auc(known_map, gt, normalized=True),
                final_resolution_0143=res.reconstruction.resolution_0143, wall_s=wall,
-               options=dict(estimate=a.estimate, m_step=a.m_step, final_step=a.final_step,
+               options=dict(estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds, final_step=a.final_step,
                             final_iterations=a.final_iterations, iterations=a.iterations),
                cramer_rao=_bound(a.snr),
                load_average=os.getloadavg(), iterations=hist,

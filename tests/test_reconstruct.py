@@ -216,3 +216,38 @@ def test_outer_mask_flattens_the_corners(adk_data):
     inside = r < D / 2
     np.testing.assert_allclose(on.volume[inside], off.volume[inside], atol=1e-5 * np.abs(off.volume).max())
     assert np.ptp(on.half_maps[0][corner]) < 1e-5 * np.abs(on.half_maps[0]).max()
+
+
+def test_leave_out_map_is_the_reconstruction_without_the_fold(adk_data):
+    """Fold accumulators minus one fold == accumulating only the other folds (an independent
+    route through finalize_reconstruction with the same SNR), and merge_folds == 2 halves."""
+    from jaxhet.inference import leave_out_map, merge_folds
+    gt, imgs, R, origin, ctf = adk_data
+    n, K = 300, 3
+    rng = np.random.default_rng(1)
+    noisy = imgs[:n] + 0.5 * imgs[:n].std() * rng.normal(size=imgs[:n].shape).astype(np.float32)
+    c = CTFParams(*[jnp.asarray(x[:n]) for x in ctf])
+    group = rng.integers(0, 2 * K, n).astype(np.int32)
+    st = backproject_images(init_reconstruction(D, n_groups=2 * K), jnp.asarray(noisy), jnp.asarray(R[:n]),
+                            -jnp.asarray(origin[:n]), c, jnp.asarray(group), PIX)
+    snr = np.linspace(20.0, 0.5, D // 2)
+    g = K + 1  # second fold of half 1
+    loo = leave_out_map(st, g, K, snr, PIX)
+    keep = (group // K == 1) & (group != g)
+    ck = CTFParams(*[x[keep] for x in c])
+    ref_state = backproject_images(init_reconstruction(D), jnp.asarray(noisy[keep]), jnp.asarray(R[:n][keep]),
+                                   -jnp.asarray(origin[:n][keep]), ck, jnp.zeros(int(keep.sum()), jnp.int32), PIX)
+    ref = finalize_reconstruction(ref_state, PIX, snr=snr * (K - 1) / K).half_maps[0]
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(loo / scale, ref / scale, atol=2e-4)
+    # it differs from the half map that contains the fold
+    halves = merge_folds(st, K)
+    full_half = finalize_reconstruction(halves, PIX, snr=snr).half_maps[1]
+    assert np.abs(full_half - ref).max() / scale > 0.05
+    # merge_folds: the same accumulators as inserting with the half index directly
+    st2 = backproject_images(init_reconstruction(D), jnp.asarray(noisy), jnp.asarray(R[:n]), -jnp.asarray(origin[:n]),
+                             c, jnp.asarray(group // K), PIX)
+    np.testing.assert_allclose(np.asarray(halves.weight), np.asarray(st2.weight), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(halves.count), [np.sum(group < K), np.sum(group >= K)])
+    with pytest.raises(ValueError):
+        merge_folds(st, 2)

@@ -126,6 +126,23 @@ def test_refinement_recovers_perturbed_poses(sim):
     assert np.all(res.max_probability > 0)
 
 
+def test_refinement_with_leave_out_references(sim):
+    """K = 2 folds per half: every fold is aligned to its half map without its own images;
+    poses are still recovered and the final map has all images in its two halves."""
+    imgs, meta, sigma, gt, R = sim
+    Rp = _perturb(R, 8.0, seed=5)
+    ds = ArrayDataset(imgs, meta.ctf, PIX, Rp, meta.origin_in_pixels)
+    sched = [SearchStage("local", angular_step=2.5, angular_range=10.0, shift_range=0.0),
+             SearchStage("local", angular_step=1.0, angular_range=3.0, shift_range=0.0)]
+    res = refine(ds, schedule=sched, initial_resolution_in_angstroms=15.0, batch_size=100, leave_out_folds=2)
+    err = np.asarray(rotation_angle_between(jnp.asarray(res.rotations), jnp.asarray(R)))
+    print("median error", np.median(err))
+    assert np.median(err) < 1.8, np.median(err)
+    assert res.reconstruction.n_images.sum() == len(imgs)
+    with pytest.raises(ValueError):
+        refine(ds, schedule=sched, leave_out_folds=1)
+
+
 def test_posterior_mean_over_window_is_unbiased_for_a_broad_posterior():
     """Gaussian log-posterior (sigma = 2 grid steps) centred off-grid: the window mean recovers the
     centre; the mean next to the best grid point is pulled towards that grid point."""

@@ -28,11 +28,11 @@ __all__ = ["HAVE_UMAP", "PCAResult", "pca", "umap_embedding", "KMeansResult", "k
            "TrajectoryResult", "graph_path", "resample_path", "LandscapeResult", "latent_landscape",
            "plot_latents", "plot_landscape", "nearest_indices"]
 
-try:  # pragma: no cover - depends on the environment
-    import umap as _umap  # noqa: F401
-    HAVE_UMAP = True
-except Exception:  # pragma: no cover
-    HAVE_UMAP = False
+import importlib.util as _ilu
+
+# whether umap-learn is installed, without importing it (its import, with numba and
+# scikit-learn, costs ~3 s, paid only by the functions that use it)
+HAVE_UMAP = _ilu.find_spec("umap") is not None
 
 
 class PCAResult(NamedTuple):

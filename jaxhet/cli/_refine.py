@@ -69,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--m-step", choices=["best", "topk"], default="best")
     p.add_argument("--pose-estimate", choices=["near", "mean"], default="near",
                    help="local searches' pose: posterior mean next to the best grid pose, or over the whole window")
+    p.add_argument("--leave-out-folds", type=int, default=0, metavar="K",
+                   help="align each image to its half map reconstructed without its fold (1/K of the half): "
+                        "no image is scored against a map containing itself (0: off, RELION's practice)")
     p.add_argument("--mask-radius", type=float, default=None, help="reference mask radius (px; default 0.45 D)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.set_defaults(func=run)
@@ -81,6 +84,8 @@ def run(args) -> int:
 
     if args.iterations < 1 and args.global_steps < 1:
         raise JaxhetInputError("--iterations must be >= 1")
+    if args.leave_out_folds == 1 or args.leave_out_folds < 0:
+        raise JaxhetInputError("--leave-out-folds must be 0 (off) or at least 2")
     out = os.path.abspath(args.out)
     paths = map_output_paths(os.path.join(out, "map.mrc"))
     star = os.path.join(out, "refined.star")
@@ -103,6 +108,8 @@ def run(args) -> int:
         ck = np.load(ckpt)
         start = int(ck["iteration"])
         rotations, origins, init_vol = ck["rotations"], ck["origin_in_pixels"], ck["half_maps"]
+        if args.leave_out_folds:  # the fold accumulators are rebuilt from the checkpoint's poses
+            init_vol = None
         init_res = float(ck["resolution"])
         if os.path.exists(hist_path):
             with open(hist_path) as fh:
@@ -142,7 +149,7 @@ def run(args) -> int:
                  schedule=schedule[start:], initial_resolution_in_angstroms=init_res,
                  max_resolution_in_angstroms=args.max_resolution, mask_radius_in_pixels=args.mask_radius,
                  m_step=args.m_step, batch_size=args.batch_size, seed=args.seed, progress=True,
-                 callback=on_iteration, pose_estimate=args.pose_estimate)
+                 callback=on_iteration, pose_estimate=args.pose_estimate, leave_out_folds=args.leave_out_folds)
     rec = res.reconstruction
     write_reconstruction(rec, paths, True, title="refined map")
     write_pose_star(star, table, ds, res.rotations, res.origin_in_pixels, res.max_probability,

@@ -77,7 +77,7 @@ def _vae_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pe-type", default="gaussian", choices=["gaussian", "geom_lowf"])
     p.add_argument("--pe-dim", type=int, default=None, help="encoding frequencies per axis (default D/2)")
     p.add_argument("--feat-sigma", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=None, help="KL weight (default 1/zdim)")
+    p.add_argument("--beta", type=float, default=None, help="KL weight (default 2/zdim; cryoDRGN's objective: 1/zdim with --noise-variance half the pixel variance)")
     p.add_argument("--noise-variance", type=float, default=None,
                    help="per-pixel noise variance sigma^2 of the likelihood (default: the data's pixel variance; "
                         "half of it reproduces cryoDRGN's objective)")

@@ -57,7 +57,8 @@ from jaxhet.core._slicing import _sinc2_correction, _trilinear_corners
 from jaxhet.analysis._masks import lowpass_filter
 
 from ._reconstruct import (ReconstructionResult, batch_ctf, batch_image_ft, finalize_reconstruction, frequency_set,
-                           init_reconstruction, random_half, _static_fs, _backproject_images_jit)
+                           init_reconstruction, random_half, _static_fs, _backproject_images_jit,
+                           leave_out_map, merge_folds)
 
 __all__ = [
     "SearchStage", "PoseSearchResult", "RefinementResult", "local_rotation_vectors", "shift_grid",
@@ -468,7 +469,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
            m_step: str = "best", k_top: int = 4, batch_size: int = 128, shift_prior_sigma: float = 3.0,
            seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
            global_slice_budget: int = 6_000_000, adaptive_range: bool = True,
-           pose_estimate: str = "near") -> RefinementResult:
+           pose_estimate: str = "near", leave_out_folds: int = 0) -> RefinementResult:
     """Gold-standard EM refinement of poses and map (see module docstring).
 
     Args:
@@ -500,6 +501,13 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         pose_estimate: local searches' pose estimate, "near" (posterior mean next to the
             best grid pose) or "mean" (posterior mean over the window; see
             :func:`local_pose_search`).
+        leave_out_folds: K >= 2 splits each half set into K folds, and aligns each
+            fold's images to its half map reconstructed without that fold
+            (:func:`jaxhet.inference.leave_out_map`, exact), so that no image is scored
+            against a map containing itself. Aligning to one's own half map (RELION's
+            practice, K = 0, the default) anchors every image to its previous pose at
+            low SNR. The halves stay independent (gold standard). Memory: 2 K
+            accumulators instead of 2.
 
     Returns:
         :class:`RefinementResult`.
@@ -521,7 +529,19 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     if not np.isfinite(rot).all():
         raise ValueError("refine: starting rotations are missing (NaN); run abinitio or give poses")
     half = random_half(np.arange(N), seed)
+    K = int(leave_out_folds)
+    if K == 1 or K < 0:
+        raise ValueError("leave_out_folds must be 0 (off) or >= 2")
+    fold = np.zeros(N, np.int32)
+    if K:  # a balanced random fold within each half
+        frng = np.random.default_rng(seed + 1)
+        for h in (0, 1):
+            ih = np.nonzero(half == h)[0]
+            fold[frng.permutation(ih)] = np.arange(len(ih)) % K
+    n_folds = max(K, 1)
+    group = half * n_folds + fold  # accumulator of each image (= half when K = 0)
     halves_idx = [np.nonzero(half == h)[0] for h in (0, 1)]
+    groups_idx = [np.nonzero(group == g)[0] for g in range(2 * n_folds)]
     first = next(iter(_batches(dataset, 1, np.arange(1))))
     D = int(np.shape(first.images)[-1])
     pix = float(first.pixel_size_in_angstroms)
@@ -536,8 +556,11 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     wpar = 2.0 * fs_full.half_weight
 
     # -------- starting half maps and noise
+    def as_halves(st):
+        return merge_folds(st, K) if K else st
+
     def reconstruct_halves(R, S):
-        st = init_reconstruction(D)
+        st = init_reconstruction(D, n_groups=2 * n_folds)
         for b in _batches(dataset, batch_size, None):
             n = len(b.indices)
             w = np.zeros(batch_size, np.float32)
@@ -545,14 +568,15 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             st = _backproject_images_jit(st, jnp.asarray(_pad(b.images, batch_size)), jnp.asarray(_pad(R[b.indices], batch_size)),
                                          jnp.asarray(_pad(S[b.indices], batch_size)),
                                          _pad_ctf(b.ctf, batch_size) or CTFParams.create(jnp.zeros(batch_size)),
-                                         jnp.asarray(_pad(half[b.indices], batch_size)), jnp.asarray(w), jnp.float32(pix),
+                                         jnp.asarray(_pad(group[b.indices], batch_size)), jnp.asarray(w), jnp.float32(pix),
                                          _static_fs(D), ctf_sign, b.ctf is not None)
         return st
 
     history = []
+    st = None  # the last accumulators (fold-resolved when K > 0)
     if initial_volume is None:
         st = reconstruct_halves(rot, shifts)
-        rec = finalize_reconstruction(st, pix)
+        rec = finalize_reconstruction(as_halves(st), pix)
         maps = [rec.half_maps[0], rec.half_maps[1]]
     else:
         iv = np.asarray(initial_volume, np.float32)
@@ -573,10 +597,15 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             rng_deg = 2.0 * prev_spread
             stage = SearchStage("local", max(stage.angular_step, rng_deg / 4), rng_deg, stage.shift_range,
                                 stage.shift_step)
-        specs = [prepare_reference(m, pix, res_limit if it == 0 else None, mask_r) for m in maps]
+        prev_st = st if K else None  # fold accumulators of the maps being aligned to
+        specs = None
+        if noise is None or prev_st is None:
+            specs = [prepare_reference(m, pix, res_limit if it == 0 else None, mask_r) for m in maps]
         if noise is None:
             noise = _initial_noise(dataset, specs, rot, shifts, half, D, pix, batch_size, ctf_sign)
-        st = init_reconstruction(D)
+        if prev_st is None:
+            del st
+        st = init_reconstruction(D, n_groups=2 * n_folds)
         res_sum = np.zeros(n_sh)
         res_cnt = np.zeros(n_sh)
         new_rot = rot.copy()
@@ -585,26 +614,32 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=N, unit="img", desc=f"refine {it + 1}/{len(schedule)} r<={rmax:.1f}")
-        for h in (0, 1):
+        for g in range(2 * n_folds):
+            h = g // n_folds
+            if prev_st is not None:  # this fold's half map without its own images
+                spec = prepare_reference(leave_out_map(prev_st, g, K, rec.snr, pix), pix,
+                                         res_limit if it == 0 else None, mask_r)
+            else:
+                spec = specs[h]
             if stage.kind == "global":
                 grid_R, _ = so3_grid(stage.angular_step)
-                slices = reference_slices(specs[h], grid_R, D, rmax)
+                slices = reference_slices(spec, grid_R, D, rmax)
                 S = len(shift_grid(stage.shift_range, stage.shift_step))
                 bsz = int(max(1, min(batch_size, global_slice_budget // (S * len(grid_R)))))
             else:
                 bsz = batch_size
-            for b in _batches(dataset, bsz, halves_idx[h]):
+            for b in _batches(dataset, bsz, groups_idx[g]):
                 n = len(b.indices)
                 idx = b.indices
                 imgs = _pad(b.images, bsz)
                 ctfb = _pad_ctf(b.ctf, bsz)
                 if stage.kind == "global":
-                    out, _, _ = global_pose_search(specs[h], grid_R, imgs, ctfb, _pad(shifts[idx], bsz), noise, pix, rmax,
+                    out, _, _ = global_pose_search(spec, grid_R, imgs, ctfb, _pad(shifts[idx], bsz), noise, pix, rmax,
                                                    shift_range=stage.shift_range, shift_step=stage.shift_step,
                                                    shift_prior_sigma=shift_prior_sigma, k_top=k_top,
                                                    ctf_sign=ctf_sign, slices=slices)
                 else:
-                    out = local_pose_search(specs[h], imgs, ctfb, _pad(rot[idx], bsz), _pad(shifts[idx], bsz), noise,
+                    out = local_pose_search(spec, imgs, ctfb, _pad(rot[idx], bsz), _pad(shifts[idx], bsz), noise,
                                             pix, stage, rmax, shift_prior_sigma=shift_prior_sigma, k_top=k_top,
                                             ctf_sign=ctf_sign, estimate=pose_estimate)
                 new_rot[idx] = np.asarray(out.rotations)[:n]
@@ -617,7 +652,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
                 # M-step
                 w = np.zeros(bsz, np.float32)
                 w[:n] = 1
-                hh = jnp.full(bsz, h, jnp.int32)
+                hh = jnp.full(bsz, g, jnp.int32)
                 cp = ctfb or CTFParams.create(jnp.zeros(bsz))
                 if m_step == "best":
                     st = _backproject_images_jit(st, jnp.asarray(imgs), out.rotations, out.shifts, cp, hh,
@@ -636,7 +671,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         rot, shifts = new_rot, new_shift
         prev_spread = float(np.median(spread))
         noise = estimate_noise_power(res_sum, res_cnt, D)
-        rec = finalize_reconstruction(st, pix)
+        del prev_st
+        rec = finalize_reconstruction(as_halves(st), pix)
         maps = [rec.half_maps[0], rec.half_maps[1]]
         # next resolution limit: FSC 0.143 radius (masked half maps) + margin
         res_limit = rec.resolution_0143

@@ -60,7 +60,7 @@ __all__ = [
     "init_reconstruction", "backproject_slices", "backproject_images", "symmetrized_grids",
     "grid_to_map", "wiener_regularizer", "wiener_filter", "shell_mean", "snr_from_fsc", "finalize_reconstruction", "reconstruct",
     "array_batches", "ArrayDataset", "random_half", "batch_ctf", "batch_image_ft", "accumulate_batches",
-    "soft_mask_outside_map",
+    "soft_mask_outside_map", "merge_folds", "leave_out_map",
 ]
 
 
@@ -221,11 +221,28 @@ def random_half(indices, seed: int = 0) -> np.ndarray:
     return ((x & np.uint64(1)) ^ (i & np.uint64(1))).astype(np.int32)
 
 
-def init_reconstruction(box_size: int, pad_factor: int = 2) -> ReconstructionState:
-    """Empty accumulators for a D-box map (padded grid P = pad_factor * D)."""
+def init_reconstruction(box_size: int, pad_factor: int = 2, n_groups: int = 2) -> ReconstructionState:
+    """Empty accumulators for a D-box map (padded grid P = pad_factor * D).
+
+    ``n_groups`` accumulators (default 2: the gold-standard halves); refinement with
+    leave-out references keeps ``2 K`` (K folds per half, see :func:`merge_folds`).
+    """
     P = int(pad_factor) * int(box_size)
-    return ReconstructionState(jnp.zeros((2, P, P, P), jnp.complex64), jnp.zeros((2, P, P, P), jnp.float32),
-                               jnp.zeros(2, jnp.float32), int(box_size), int(pad_factor))
+    G = int(n_groups)
+    return ReconstructionState(jnp.zeros((G, P, P, P), jnp.complex64), jnp.zeros((G, P, P, P), jnp.float32),
+                               jnp.zeros(G, jnp.float32), int(box_size), int(pad_factor))
+
+
+def merge_folds(state: ReconstructionState, folds_per_half: int) -> ReconstructionState:
+    """``2 K`` fold accumulators (group ``h K + f``) -> the 2 half accumulators."""
+    K = int(folds_per_half)
+    G = state.numerator.shape[0]
+    if G != 2 * K:
+        raise ValueError(f"merge_folds: {G} accumulators are not 2 x {K} folds")
+    sh = state.numerator.shape[1:]
+    return state._replace(numerator=state.numerator.reshape(2, K, *sh).sum(1),
+                          weight=state.weight.reshape(2, K, *sh).sum(1),
+                          count=state.count.reshape(2, K).sum(1))
 
 
 # --------------------------------------------------------------------------------------
@@ -278,8 +295,8 @@ def batch_ctf(ctf_params: CTFParams | None, freqs_cycles_per_box, box_size: int,
 
 
 @partial(jax.jit, static_argnames=("fs_static", "ctf_sign", "use_ctf"))
-def _backproject_images_jit(state, images, rotations, shifts, ctf_params, half, image_weight, pixel_size,
-                            fs_static, ctf_sign, use_ctf):
+def _slice_values_jit(images, shifts, ctf_params, image_weight, pixel_size, fs_static, ctf_sign, use_ctf):
+    """What each image inserts: ``hw c conj(T_s) Y`` and ``hw c^2`` on the frequencies of fs, [B, K]."""
     fs = fs_static.value
     Di = fs.box_size
     y = batch_image_ft(images, fs)
@@ -287,10 +304,25 @@ def _backproject_images_jit(state, images, rotations, shifts, ctf_params, half, 
     ph = jax.vmap(lambda s: shift_phase(k, s, Di))(shifts)
     c = batch_ctf(ctf_params if use_ctf else None, k, Di, pixel_size, ctf_sign, images.shape[0])
     hw = jnp.asarray(fs.half_weight)[None] * image_weight[:, None]
-    vals = hw * c * jnp.conj(ph) * y
-    st = backproject_slices(state, rotations, vals, hw * c * c, half, k, Di)
-    cnt = st.count + jnp.zeros(2).at[half].add(image_weight)
+    return hw * c * jnp.conj(ph) * y, hw * c * c
+
+
+@partial(jax.jit, static_argnames=("fs_static",))
+def _insert_values_jit(state, rotations, vals, ctf2, half, image_weight, fs_static):
+    fs = fs_static.value
+    st = backproject_slices(state, rotations, vals, ctf2, half, jnp.asarray(fs.freqs), fs.box_size)
+    cnt = st.count + jnp.zeros_like(st.count).at[half].add(image_weight)
     return st._replace(count=cnt)
+
+
+def _backproject_images_jit(state, images, rotations, shifts, ctf_params, half, image_weight, pixel_size,
+                            fs_static, ctf_sign, use_ctf):
+    """Insert a batch: two jitted stages. In one program XLA (CPU) fuses the CTF into the
+    scatter's update and evaluates it once per update (8 trilinear corners x 2
+    accumulators): 91 ms per 256 images at D=64 instead of 50 ms split."""
+    vals, ctf2 = _slice_values_jit(images, shifts, ctf_params, image_weight, pixel_size, fs_static, ctf_sign,
+                                   use_ctf)
+    return _insert_values_jit(state, rotations, vals, ctf2, half, image_weight, fs_static)
 
 
 class _Static:
@@ -482,6 +514,41 @@ class ReconstructionResult(NamedTuple):
     n_images: np.ndarray
 
 
+@partial(jax.jit, static_argnames=("box_size", "pad_factor", "r_keep", "weight_floor", "gridding_correction"))
+def _raw_maps_jit(numerator, weight, box_size, pad_factor, r_keep, weight_floor, gridding_correction):
+    """Hermitian-symmetrised accumulators (zeroed beyond shell ``r_keep`` when given) and the
+    unregularised maps ``N / max(W, floor)`` of half 0, half 1 and both, [3, D, D, D]; floor =
+    ``weight_floor`` x the shell mean of W. One program (the same steps run op by op
+    compile ~40 small programs, ~1 s per command)."""
+    D, pf = box_size, pad_factor
+    P = D * pf
+    n_sh = D // 2
+    sh = _padded_shells(P, pf)
+    num = numerator + jnp.conj(_friedel_flip(numerator))
+    w = weight + _friedel_flip(weight)
+    if r_keep is not None:
+        keep = jnp.asarray(sh <= r_keep)
+        num, w = num * keep, w * keep
+    shc_np = np.minimum(sh, n_sh - 1)
+    shc = jnp.asarray(shc_np.ravel())
+    count = jnp.asarray(np.maximum(np.bincount(shc_np.ravel(), minlength=n_sh), 1).astype(np.float32))
+
+    def floor_of(wg):
+        mean = jax.ops.segment_sum(wg.ravel(), shc, num_segments=n_sh) / count
+        return (weight_floor * mean)[shc].reshape(wg.shape) + 1e-30
+
+    s = slice(P // 2 - D // 2, P // 2 - D // 2 + D)
+    corr = jnp.asarray(_sinc2_correction(D, P)) if gridding_correction else 1.0
+
+    def to_map(spec):
+        return ifft3_centered(spec).real[s, s, s] / corr
+
+    wf = w[0] + w[1]
+    maps = [to_map(num[h] / jnp.maximum(w[h], floor_of(w[h]))) for h in (0, 1)]
+    maps.append(to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf))))
+    return num, w, jnp.stack(maps).astype(jnp.float32)
+
+
 def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, snr=None, tau2_fudge: float = 1.0,
                             wiener: str = "shell", snr_from: str = "masked", gridding_correction: bool = True, mask=None,
                             weight_floor: float = 0.01, max_resolution_in_angstroms: float | None = None,
@@ -533,25 +600,15 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
     if wiener not in ("shell", "voxel", "none"):
         raise ValueError(f"wiener must be 'shell', 'voxel' or 'none', got {wiener!r}")
     D, pf = state.box_size, state.pad_factor
-    P = D * pf
-    n_sh = D // 2
-    sh = _padded_shells(P, pf)
-    num, w = symmetrized_grids(state)
-    if max_resolution_in_angstroms is not None:
-        keep = jnp.asarray(sh <= D * pixel_size / max_resolution_in_angstroms)
-        num, w = num * keep, w * keep
-    shc = jnp.asarray(np.minimum(sh, n_sh - 1))
-
-    def floor_of(wg):
-        return jnp.asarray(weight_floor * shell_mean(wg, pf, n_sh).astype(np.float32))[shc] + 1e-30
+    r_keep = None if max_resolution_in_angstroms is None else float(D * pixel_size / max_resolution_in_angstroms)
+    num, w, raw3 = _raw_maps_jit(state.numerator, state.weight, D, pf, r_keep, float(weight_floor),
+                                 bool(gridding_correction))
+    raw3 = np.asarray(raw3)
+    raw, raw_full = [raw3[0], raw3[1]], raw3[2]
 
     def outside(v):
         return soft_mask_outside_map(v, outer_mask_radius, outer_mask_width) if outer_mask else v
 
-    den = [jnp.maximum(w[h], floor_of(w[h])) for h in (0, 1)]
-    raw = [grid_to_map(num[h] / den[h], D, gridding_correction) for h in (0, 1)]
-    wf = w[0] + w[1]
-    raw_full = grid_to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf)), D, gridding_correction)
     if mask is None:
         mask = solvent_mask(outside(raw_full), pixel_size)
     mask = np.asarray(mask, np.float32)
@@ -575,6 +632,47 @@ def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, sn
     return ReconstructionResult(full, halves, f_un, f_m, mask, (snr / tau2_fudge).astype(np.float32),
                                 fsc_resolution(f_m, pixel_size, 0.143), fsc_resolution(f_m, pixel_size, 0.5),
                                 float(pixel_size), np.asarray(state.count))
+
+
+def leave_out_map(state: ReconstructionState, group: int, folds_per_half: int, snr_half, pixel_size: float, *,
+                  gridding_correction: bool = True, weight_floor: float = 0.01, outer_mask: bool = True,
+                  outer_mask_radius: float | None = None, outer_mask_width: float = 3.0) -> np.ndarray:
+    """The half map of fold ``group``'s half, reconstructed *without* that fold's images.
+
+    With fold accumulators ``N_g, W_g`` (``2 K`` groups, group ``h K + f``), the half-h
+    map without fold g is ``(N_h - N_g) / max(W_h - W_g, floor)``, Wiener-filtered per
+    shell with the half-map SNR scaled by the fraction of images kept, ``(K-1)/K``, and
+    outer-masked like :func:`finalize_reconstruction`'s half maps. Exactly the map that
+    reconstructing the other ``K - 1`` folds of the half would give: aligning fold g's
+    images to it scores no image against a map that contains it (the self-bias of
+    aligning to one's own half map, which anchors each image to its previous pose).
+
+    Args:
+        state: fold accumulators ([2 K, P, P, P]).
+        group: g in [0, 2 K).
+        folds_per_half: K >= 2.
+        snr_half: [D//2] half-map SNR per shell (``ReconstructionResult.snr``).
+        pixel_size: A.
+
+    Returns:
+        [D, D, D] float32 map.
+    """
+    K = int(folds_per_half)
+    if K < 2:
+        raise ValueError("leave_out_map: needs at least 2 folds per half")
+    D, pf = state.box_size, state.pad_factor
+    h = int(group) // K
+    sl = slice(h * K, (h + 1) * K)
+    num = jnp.sum(state.numerator[sl], 0) - state.numerator[group]
+    w = jnp.sum(state.weight[sl], 0) - state.weight[group]
+    num = num + jnp.conj(_friedel_flip(num))
+    w = w + _friedel_flip(w)
+    n_sh = D // 2
+    shc = jnp.asarray(np.minimum(_padded_shells(D * pf, pf), n_sh - 1))
+    floor = jnp.asarray(weight_floor * shell_mean(w, pf, n_sh).astype(np.float32))[shc] + 1e-30
+    raw = grid_to_map(num / jnp.maximum(w, floor), D, gridding_correction)
+    out = wiener_filter(raw, np.asarray(snr_half, np.float64) * (K - 1) / K)
+    return soft_mask_outside_map(out, outer_mask_radius, outer_mask_width) if outer_mask else out
 
 
 # --------------------------------------------------------------------------------------

@@ -126,6 +126,32 @@ def test_refinement_recovers_perturbed_poses(sim):
     assert np.all(res.max_probability > 0)
 
 
+def test_refinement_keeps_the_best_resolution_iteration_and_stops(sim):
+    """A second stage that can only ruin the poses (a global search on a 30-degree grid)
+    does not improve the gold-standard resolution: refine returns iteration 1's poses and
+    map, and with patience 1 never runs the third stage."""
+    imgs, meta, sigma, gt, R = sim
+    Rp = _perturb(R, 8.0, seed=5)
+    ds = ArrayDataset(imgs, meta.ctf, PIX, Rp, meta.origin_in_pixels)
+    good = SearchStage("local", angular_step=2.5, angular_range=10.0, shift_range=0.0)
+    bad = SearchStage("global", angular_step=30.0, angular_range=0.0, shift_range=0.0)  # snaps to a 30-deg grid
+    seen = {}
+    res = refine(ds, schedule=[good, bad, good], initial_resolution_in_angstroms=15.0, batch_size=100,
+                 patience=1, adaptive_range=False, pose_estimate="near",
+                 callback=lambda it, info, rot, org, maps: seen.__setitem__(it, rot))
+    h = res.history
+    med = {it: float(np.median(np.asarray(rotation_angle_between(jnp.asarray(r), jnp.asarray(R)))))
+           for it, r in seen.items()}
+    print([(x["iteration"], round(x["resolution_0143"], 2)) for x in h], med)
+    # (at this SNR both reach Nyquist, 6 A: a tie is no improvement)
+    assert len(h) == 2 and "stopped" in h[-1]
+    assert h[1]["resolution_0143"] >= h[0]["resolution_0143"]
+    assert h[-1]["best_iteration"] == 1
+    assert med[2] > med[1] + 0.5  # the coarse stage did ruin the poses
+    np.testing.assert_array_equal(res.rotations, seen[1])  # iteration 1's poses are returned
+    assert res.reconstruction.resolution_0143 == pytest.approx(h[0]["resolution_0143"])
+
+
 def test_refinement_with_leave_out_references(sim):
     """K = 2 folds per half: every fold is aligned to its half map without its own images;
     poses are still recovered and the final map has all images in its two halves."""

@@ -72,6 +72,9 @@ def register(sub) -> None:
     p.add_argument("--leave-out-folds", type=int, default=0, metavar="K",
                    help="align each image to its half map reconstructed without its fold (1/K of the half): "
                         "no image is scored against a map containing itself (0: off, RELION's practice)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop when the resolution has not improved for this many iterations (0: run them all); "
+                        "the iteration with the best resolution is written either way")
     p.add_argument("--mask-radius", type=float, default=None, help="reference mask radius (px; default 0.45 D)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.set_defaults(func=run)
@@ -138,6 +141,8 @@ def run(args) -> int:
         print(f"iteration {start + it}: {info['kind']} step {info['angular_step']:.2f} deg, "
               f"resolution {info['resolution_0143']:.2f} A, mean max prob {info['mean_max_probability']:.3f}, "
               f"median spread {info['median_angular_spread']:.2f} deg ({info['seconds']:.0f} s)", flush=True)
+        if "stopped" in info:
+            print(f"stopping: {info['stopped']}", flush=True)
         tmp = ckpt + ".tmp.npz"
         np.savez(tmp, iteration=start + it, rotations=rot, origin_in_pixels=org, half_maps=half_maps,
                  resolution=info["resolution_0143"])
@@ -149,11 +154,14 @@ def run(args) -> int:
                  schedule=schedule[start:], initial_resolution_in_angstroms=init_res,
                  max_resolution_in_angstroms=args.max_resolution, mask_radius_in_pixels=args.mask_radius,
                  m_step=args.m_step, batch_size=args.batch_size, seed=args.seed, progress=True,
-                 callback=on_iteration, pose_estimate=args.pose_estimate, leave_out_folds=args.leave_out_folds)
+                 callback=on_iteration, pose_estimate=args.pose_estimate, leave_out_folds=args.leave_out_folds,
+                 patience=args.patience)
     rec = res.reconstruction
     write_reconstruction(rec, paths, True, title="refined map")
     write_pose_star(star, table, ds, res.rotations, res.origin_in_pixels, res.max_probability,
                     res.angular_spread_in_degrees, overwrite=True)
-    print(f"refined {len(ds)} particles in {time.time() - t0:.0f} s: resolution {rec.resolution_0143:.2f} A (0.143); "
+    best = start + res.history[-1]["best_iteration"]
+    print(f"refined {len(ds)} particles in {time.time() - t0:.0f} s: resolution {rec.resolution_0143:.2f} A (0.143) "
+          f"at iteration {best} (the best; its poses and map are written); "
           f"wrote {star}, {paths['map']}, half maps, fsc, {hist_path}")
     return 0

@@ -434,8 +434,10 @@ class RefinementResult(NamedTuple):
 
     rotations [N, 3, 3], origin_in_pixels [N, 2] (RELION sign), max_probability [N],
     angular_spread_in_degrees [N], half [N] (gold-standard half of each image),
-    reconstruction (:class:`ReconstructionResult` of the last M-step), noise_power
-    [D//2+1], history: list of per-iteration dicts.
+    reconstruction (:class:`ReconstructionResult` of that iteration's M-step), noise_power
+    [D//2+1], history: list of per-iteration dicts (all iterations run). Poses and map are
+    those of the iteration with the best gold-standard resolution (``best_iteration`` in
+    the history), see ``patience`` in :func:`refine`.
     """
 
     rotations: np.ndarray
@@ -469,7 +471,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
            m_step: str = "best", k_top: int = 4, batch_size: int = 128, shift_prior_sigma: float = 3.0,
            seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
            global_slice_budget: int = 6_000_000, adaptive_range: bool = True,
-           pose_estimate: str = "near", leave_out_folds: int = 0) -> RefinementResult:
+           pose_estimate: str = "near", leave_out_folds: int = 0, patience: int = 2) -> RefinementResult:
     """Gold-standard EM refinement of poses and map (see module docstring).
 
     Args:
@@ -507,7 +509,18 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             against a map containing itself. Aligning to one's own half map (RELION's
             practice, K = 0, the default) anchors every image to its previous pose at
             low SNR. The halves stay independent (gold standard). Memory: 2 K
-            accumulators instead of 2.
+            accumulators instead of 2. Measured (experiments/exp_refine_adk.py, AdK
+            10k, D=64, SNR 0.1, from 15 deg, K=4): the posterior spread becomes more
+            honest (median 2.86 vs 2.05 deg, true median error ~4 deg), the median
+            error is unchanged (4.16 vs 4.19 deg).
+
+        patience: stop when the gold-standard resolution (masked half-map FSC 0.143)
+            has not improved for this many iterations (0: run the whole schedule). The
+            result is always the iteration with the best resolution, as RELION's
+            auto-refine converges on resolution: at low SNR the posterior narrows faster
+            than the poses improve and later iterations get worse (measured at SNR 0.1:
+            resolution 5.42 -> 5.55 A and median error 3.9 -> 4.2 deg from iteration 2
+            to 6; the half-map FSC sees it without the ground truth).
 
     Returns:
         :class:`RefinementResult`.
@@ -589,6 +602,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     spread = np.zeros(N, np.float32)
 
     prev_spread = None
+    best = None  # (iteration, rot, shifts, maxp, spread, rec, noise) of the best resolution
+    stale = 0
     for it, stage in enumerate(schedule):
         t0 = time.time()
         if adaptive_range and stage.kind == "local" and prev_spread is not None \
@@ -683,9 +698,22 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
                     resolution_05=rec.resolution_05, next_max_radius=rmax,
                     mean_max_probability=float(maxp.mean()), median_angular_spread=float(np.median(spread)),
                     seconds=time.time() - t0)
+        if best is None or rec.resolution_0143 < best[0] - 1e-6:
+            best = (rec.resolution_0143, it + 1, rot, shifts, maxp.copy(), spread.copy(), rec, noise)
+            stale = 0
+        else:
+            stale += 1
+        info["best_iteration"] = best[1]
+        stop = bool(patience) and stale >= patience and it + 1 < len(schedule)
+        if stop:
+            info["stopped"] = (f"resolution not improved for {stale} iterations; keeping iteration {best[1]} "
+                               f"({best[0]:.2f} A)")
         history.append(info)
         if callback is not None:
             callback(it + 1, info, rot, -shifts, np.stack(maps))
+        if stop:
+            break
+    _, _, rot, shifts, maxp, spread, rec, noise = best
     return RefinementResult(rot, -shifts, maxp, spread, half, rec, noise, history)
 
 

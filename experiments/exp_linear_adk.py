@@ -178,7 +178,7 @@ def _row(maps_fn, sel, labels, gt, **kw):
 
 
 def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: str, with_states: bool = True,
-                n_states: int | None = None):
+                n_states: int | None = None, states_from: int = 0):
     """RECOVAR pipeline + compute_state at the evaluation images' embeddings.
 
     Timings: wall seconds and CPU seconds (user + system of the child processes). A run
@@ -236,12 +236,15 @@ def run_recovar(d: str, venv: str, out_dir: str | None, sel, labels, gt, work: s
         return res
     # compute_state costs one kernel regression (n_bins reconstructions) per point: on the
     # shared CPU machine it may be run on the first n_states evaluation images only
-    sel = sel[:n_states] if n_states else sel
+    sel = sel[states_from:states_from + n_states] if n_states else sel[states_from:]
     res["n_states"] = int(len(sel))
+    res["states_from"] = int(states_from)
     cs_out = os.path.join(work, "recovar_states")
     os.makedirs(work, exist_ok=True)
     pts = os.path.join(work, "recovar_points.txt")
     np.savetxt(pts, z[sel])
+    with open(os.path.join(work, "eval_offset.txt"), "w") as f:
+        f.write(f"{states_from}\n")  # the points are the embeddings of evaluation images offset, offset+1, ...
     cmd = rec + ["compute_state", out_dir, "--latent-points", pts, "-o", cs_out]
     res["compute_state_command"] = " ".join(cmd[3:]) + "  (with the CPU fix)"
     done = os.path.join(cs_out, "latent_coords.txt")
@@ -420,16 +423,19 @@ def score_partial_states(work: str, out_dir: str, sel, labels, gt, rows) -> dict
     from jaxhet.analysis import map_fsc_auc
     pts = np.loadtxt(os.path.join(work, "recovar_points.txt")).reshape(-1, 4)
     z = np.load(os.path.join(out_dir, "jaxhet_zs_4.npy"))
+    off_file = os.path.join(work, "eval_offset.txt")
+    off = int(open(off_file).read()) if os.path.exists(off_file) else 0
+    sel = sel[off:]
     if not np.allclose(pts, z[sel[:len(pts)]], atol=1e-4):
-        raise ValueError(f"{work}: its points are not the embeddings of the first evaluation images")
+        raise ValueError(f"{work}: its points are not the embeddings of evaluation images {off}, {off + 1}, ...")
     files = sorted(f for f in glob.glob(os.path.join(work, "recovar_states", "state*.mrc"))
                    if re.fullmatch(r"state\d{3}\.mrc", os.path.basename(f)))
     vols = _recovar_state_maps(files, len(pts))
     per = [float(map_fsc_auc(v, gt[labels[i]])) for v, i in zip(vols, sel)]
     n = len(per)
-    return dict(work=work, n_points=int(len(pts)), n_maps=n, fsc_auc_per_image=[round(x, 5) for x in per],
-                fsc_auc=float(np.mean(per)) if n else None,
-                others_same_images={k: float(np.mean(v["fsc_auc_per_image"][:n])) for k, v in rows.items()
+    return dict(work=work, eval_offset=off, n_points=int(len(pts)), n_maps=n,
+                fsc_auc_per_image=[round(x, 5) for x in per], fsc_auc=float(np.mean(per)) if n else None,
+                others_same_images={k: float(np.mean(v["fsc_auc_per_image"][off:off + n])) for k, v in rows.items()
                                     if v.get("fsc_auc_per_image") and n},
                 note="compute_state was stopped (session end) before all points were done; filtered maps")
 
@@ -457,7 +463,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compute-state", action="store_true", help="skip RECOVAR's per-image maps")
     ap.add_argument("--recovar-states", type=int, default=None,
                     help="RECOVAR compute_state on the first N evaluation images only (default: all 100)")
-    ap.add_argument("--score-partial-states", default=None, metavar="DIR",
+    ap.add_argument("--recovar-states-from", type=int, default=0, metavar="I",
+                    help="with --recovar-states N: evaluation images I .. I+N-1")
+    ap.add_argument("--score-partial-states", default=None, metavar="DIR", nargs="+",
                     help="score the state maps an unfinished compute_state run left in DIR (its "
                          "recovar_states/ and recovar_points.txt) against jaxhet on the same images "
                          "(into the JSON's recovar_partial_states)")
@@ -493,9 +501,14 @@ def main(argv=None) -> int:
     if args.score_partial_states:
         with open(args.out) as f:
             now = json.load(f)
-        part = score_partial_states(args.score_partial_states, args.recovar_out, sel, labels, gt,
-                                    now.get("methods", {}))
-        print(json.dumps(part, indent=1))
+        parts = [score_partial_states(w, args.recovar_out, sel, labels, gt, now.get("methods", {}))
+                 for w in args.score_partial_states]
+        per = [x for p_ in parts for x in p_["fsc_auc_per_image"]]
+        idx = [p_["eval_offset"] + j for p_ in parts for j in range(p_["n_maps"])]
+        part = dict(runs=parts, n_maps=len(per), eval_images=idx, fsc_auc=float(np.mean(per)) if per else None,
+                    others_same_images={k: float(np.mean([v["fsc_auc_per_image"][i] for i in idx]))
+                                        for k, v in now.get("methods", {}).items() if v.get("fsc_auc_per_image") and idx})
+        print(json.dumps({k: v for k, v in part.items() if k != "runs"}, indent=1))
         now["recovar_partial_states"] = part
         with open(args.out, "w") as f:
             json.dump(now, f, indent=1)
@@ -525,7 +538,8 @@ def main(argv=None) -> int:
             del rows[name]
         try:
             result["recovar"] = run_recovar(args.data, args.recovar_venv, args.recovar_out, sel, labels, gt, args.work,
-                                            with_states=not args.no_compute_state, n_states=args.recovar_states)
+                                            with_states=not args.no_compute_state, n_states=args.recovar_states,
+                                            states_from=args.recovar_states_from)
         except Exception as e:  # report precisely why it could not run
             result["recovar"] = dict(error=f"{type(e).__name__}: {e}")
         r = result["recovar"]
@@ -545,6 +559,7 @@ def main(argv=None) -> int:
                                                                seconds=r.get("seconds"),
                                                                cpu_seconds=r.get("cpu_seconds"),
                                                                n_eval=r.get("n_states"),
+                                                               states_from=r.get("states_from", 0),
                                                                fsc_auc_per_image=r.get("fsc_auc_per_image"))
     result["oracle_spearman"] = _oracle_spearman()
     print(f"{'method':42s} {'Spearman |rho|':>15s} {'FSC-AUC':>9s} {'wall (s)':>9s} {'CPU (s)':>9s}")
@@ -576,14 +591,15 @@ def main(argv=None) -> int:
 
 
 def _same_images(result) -> None:
-    """Rows scored on fewer than all evaluation images get every other row's FSC-AUC on the
-    same (first n) images, ``fsc_auc_same_images``."""
+    """Rows scored on fewer than all evaluation images (images states_from .. +n) get every
+    other row's FSC-AUC on the same images, ``fsc_auc_same_images``."""
     rows = result.get("methods", {})
     for name, r in rows.items():
         n = r.get("n_eval")
         if not n or n >= len(result["eval_images"]):
             continue
-        r["fsc_auc_same_images"] = {o: float(np.mean(v["fsc_auc_per_image"][:n])) for o, v in rows.items()
+        o0 = int(r.get("states_from", 0))
+        r["fsc_auc_same_images"] = {o: float(np.mean(v["fsc_auc_per_image"][o0:o0 + n])) for o, v in rows.items()
                                     if o != name and v.get("fsc_auc_per_image")}
         print(f"{name}: FSC-AUC on its {n} images {r['fsc_auc']:.4f}; the others on them: " +
               ", ".join(f"{o} {x:.4f}" for o, x in r["fsc_auc_same_images"].items()))

@@ -55,6 +55,15 @@ def test_reconstruct_cli_input_errors(data, tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "missing.star"), "-o", str(tmp_path / "m.mrc")]) == 2
 
 
+def test_refine_cli_option_errors(data, tmp_path, capsys):
+    base = ["refine", *_args(data), "-o", str(tmp_path / "r")]
+    assert main(base + ["--patience", "-1"]) == 2
+    assert "--patience must be >= 0" in capsys.readouterr().err
+    assert main(base + ["--leave-out-folds", "1"]) == 2
+    assert "--leave-out-folds must be 0 (off) or at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
 def test_refine_cli_star_and_resume(data, tmp_path):
     import starfile
     from jaxhet.io import read_particles

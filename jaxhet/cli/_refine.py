@@ -87,6 +87,8 @@ def run(args) -> int:
 
     if args.iterations < 1 and args.global_steps < 1:
         raise JaxhetInputError("--iterations must be >= 1")
+    if args.patience < 0:
+        raise JaxhetInputError("--patience must be >= 0 (0: run every iteration)")
     if args.leave_out_folds == 1 or args.leave_out_folds < 0:
         raise JaxhetInputError("--leave-out-folds must be 0 (off) or at least 2")
     out = os.path.abspath(args.out)

@@ -542,6 +542,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     if not np.isfinite(rot).all():
         raise ValueError("refine: starting rotations are missing (NaN); run abinitio or give poses")
     half = random_half(np.arange(N), seed)
+    if patience < 0:
+        raise ValueError("patience must be >= 0 (0: run the whole schedule)")
     K = int(leave_out_folds)
     if K == 1 or K < 0:
         raise ValueError("leave_out_folds must be 0 (off) or >= 2")

@@ -5,6 +5,11 @@ rlnMaxValueProbDistribution and the posterior angular spread in rlnjaxhetAngular
 degrees), OUT/map.mrc, OUT/map_half1.mrc, OUT/map_half2.mrc, OUT/map_mask.mrc, fsc.txt,
 fsc.png, sections.png and history.json. After every iteration OUT/checkpoint.npz holds
 the poses and half maps; ``--resume`` continues from it.
+
+The poses and maps written are those of the iteration with the best gold-standard
+resolution; the run stops after ``--patience`` iterations without improvement. A resumed
+run chooses among the iterations it runs itself (it starts from the checkpoint's last
+iteration, which is kept if none is better).
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ the poses and half maps; ``--resume`` continues from it.
 
 The poses and maps written are those of the iteration with the best gold-standard
 resolution; the run stops after ``--patience`` iterations without improvement. A resumed
-run chooses among the iterations it runs itself (it starts from the checkpoint's last
-iteration, which is kept if none is better).
+run chooses among the iterations it runs after the checkpoint's (which it starts from).
 """
 
 from __future__ import annotations

@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--patience", type=int, default=2,
                     help="refine(patience=...): stop when the resolution stops improving, keep the best iteration "
                          "(0: the whole schedule, the last iteration; runs before this option existed)")
+    ap.add_argument("--snr-from", choices=["masked", "unmasked"], default="masked",
+                    help="refine(snr_from=...): the FSC that sets the references' Wiener filter")
     ap.add_argument("--leave-out-folds", type=int, default=0,
                     help="align each fold to its half map without its own images (refine(leave_out_folds=K))")
     a = ap.parse_args()
@@ -148,7 +150,8 @@ def main():
         sched += [SearchStage("local", a.final_step, 4 * a.final_step, 0.5, 0.25)] * a.final_iterations
     res = refine(ds, rotations=R0, origin_in_pixels=table.origin_in_pixels.astype(np.float32), schedule=sched,
                  initial_resolution_in_angstroms=20.0, batch_size=a.batch_size, callback=cb,
-                 pose_estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds, patience=a.patience)
+                 pose_estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds, patience=a.patience,
+                 snr_from=a.snr_from)
     wall = time.time() - t0
     e = np.asarray(rotation_angle_between(jnp.asarray(res.rotations), jnp.asarray(R_true)))
     auc = map_fsc_auc(res.reconstruction.volume, gt, normalized=True)
@@ -163,7 +166,8 @@ def main():
                known_pose_map_fsc_auc_normalized=map_fsc_auc(known_map, gt, normalized=True),
                final_resolution_0143=res.reconstruction.resolution_0143, wall_s=wall,
                best_iteration=res.history[-1].get("best_iteration"),
-               options=dict(estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds, patience=a.patience, final_step=a.final_step,
+               options=dict(estimate=a.estimate, m_step=a.m_step, leave_out_folds=a.leave_out_folds, patience=a.patience,
+                            snr_from=a.snr_from, final_step=a.final_step,
                             final_iterations=a.final_iterations, iterations=a.iterations),
                cramer_rao=_bound(a.snr),
                load_average=os.getloadavg(), iterations=hist,

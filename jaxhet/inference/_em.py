@@ -471,7 +471,8 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
            m_step: str = "best", k_top: int = 4, batch_size: int = 128, shift_prior_sigma: float = 3.0,
            seed: int = 0, ctf_sign: str = "relion", progress: bool = False, callback=None,
            global_slice_budget: int = 6_000_000, adaptive_range: bool = True,
-           pose_estimate: str = "near", leave_out_folds: int = 0, patience: int = 2) -> RefinementResult:
+           pose_estimate: str = "near", leave_out_folds: int = 0, patience: int = 2,
+           snr_from: str = "masked") -> RefinementResult:
     """Gold-standard EM refinement of poses and map (see module docstring).
 
     Args:
@@ -521,6 +522,10 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             than the poses improve and later iterations get worse (measured at SNR 0.1:
             resolution 5.42 -> 5.55 A and median error 3.9 -> 4.2 deg from iteration 2
             to 6; the half-map FSC sees it without the ground truth).
+
+        snr_from: the half-map FSC that sets the references' Wiener filter (and the maps
+            returned): "masked" (inside the solvent mask; filters less) or "unmasked"
+            (whole box, filters more), see :func:`finalize_reconstruction`.
 
     Returns:
         :class:`RefinementResult`.
@@ -591,7 +596,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     st = None  # the last accumulators (fold-resolved when K > 0)
     if initial_volume is None:
         st = reconstruct_halves(rot, shifts)
-        rec = finalize_reconstruction(as_halves(st), pix)
+        rec = finalize_reconstruction(as_halves(st), pix, snr_from=snr_from)
         maps = [rec.half_maps[0], rec.half_maps[1]]
     else:
         iv = np.asarray(initial_volume, np.float32)
@@ -689,7 +694,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
         prev_spread = float(np.median(spread))
         noise = estimate_noise_power(res_sum, res_cnt, D)
         del prev_st
-        rec = finalize_reconstruction(as_halves(st), pix)
+        rec = finalize_reconstruction(as_halves(st), pix, snr_from=snr_from)
         maps = [rec.half_maps[0], rec.half_maps[1]]
         # next resolution limit: FSC 0.143 radius (masked half maps) + margin
         res_limit = rec.resolution_0143

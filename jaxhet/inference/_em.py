@@ -514,7 +514,6 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             10k, D=64, SNR 0.1, from 15 deg, K=4): the posterior spread becomes more
             honest (median 2.86 vs 2.05 deg, true median error ~4 deg), the median
             error is unchanged (4.16 vs 4.19 deg).
-
         patience: stop when the gold-standard resolution (masked half-map FSC 0.143)
             has not improved for this many iterations (0: run the whole schedule). The
             result is always the iteration with the best resolution, as RELION's
@@ -522,7 +521,6 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
             than the poses improve and later iterations get worse (measured at SNR 0.1:
             resolution 5.42 -> 5.55 A and median error 3.9 -> 4.2 deg from iteration 2
             to 6; the half-map FSC sees it without the ground truth).
-
         snr_from: the half-map FSC that sets the references' Wiener filter (and the maps
             returned): "masked" (inside the solvent mask; filters less) or "unmasked"
             (whole box, filters more), see :func:`finalize_reconstruction`.
@@ -609,7 +607,7 @@ def refine(dataset, *, initial_volume=None, rotations=None, origin_in_pixels=Non
     spread = np.zeros(N, np.float32)
 
     prev_spread = None
-    best = None  # (iteration, rot, shifts, maxp, spread, rec, noise) of the best resolution
+    best = None  # (resolution, iteration, rot, shifts, maxp, spread, rec, noise) of the best iteration
     stale = 0
     for it, stage in enumerate(schedule):
         t0 = time.time()

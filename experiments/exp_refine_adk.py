@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--patience", type=int, default=2,
                     help="refine(patience=...): stop when the resolution stops improving, keep the best iteration "
                          "(0: the whole schedule, the last iteration; runs before this option existed)")
-    ap.add_argument("--snr-from", choices=["masked", "unmasked"], default="masked",
+    ap.add_argument("--snr-from", choices=["masked", "unmasked"], default="unmasked",
                     help="refine(snr_from=...): the FSC that sets the references' Wiener filter")
     ap.add_argument("--leave-out-folds", type=int, default=0,
                     help="align each fold to its half map without its own images (refine(leave_out_folds=K))")

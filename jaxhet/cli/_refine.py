@@ -73,6 +73,8 @@ def register(sub) -> None:
     p.add_argument("--m-step", choices=["best", "topk"], default="best")
     p.add_argument("--pose-estimate", choices=["near", "mean"], default="near",
                    help="local searches' pose: posterior mean next to the best grid pose, or over the whole window")
+    p.add_argument("--snr-from", choices=["unmasked", "masked"], default="unmasked",
+                   help="half-map FSC that sets the references' Wiener filter (unmasked: RELION's default)")
     p.add_argument("--leave-out-folds", type=int, default=0, metavar="K",
                    help="align each image to its half map reconstructed without its fold (1/K of the half): "
                         "no image is scored against a map containing itself (0: off, RELION's practice)")
@@ -161,7 +163,7 @@ def run(args) -> int:
                  max_resolution_in_angstroms=args.max_resolution, mask_radius_in_pixels=args.mask_radius,
                  m_step=args.m_step, batch_size=args.batch_size, seed=args.seed, progress=True,
                  callback=on_iteration, pose_estimate=args.pose_estimate, leave_out_folds=args.leave_out_folds,
-                 patience=args.patience)
+                 patience=args.patience, snr_from=args.snr_from)
     rec = res.reconstruction
     write_reconstruction(rec, paths, True, title="refined map")
     write_pose_star(star, table, ds, res.rotations, res.origin_in_pixels, res.max_probability,

@@ -6,8 +6,8 @@ degrees), OUT/map.mrc, OUT/map_half1.mrc, OUT/map_half2.mrc, OUT/map_mask.mrc, f
 fsc.png, sections.png and history.json. After every iteration OUT/checkpoint.npz holds
 the poses and half maps; ``--resume`` continues from it.
 
-The poses and maps written are those of the iteration with the best gold-standard
-resolution; the run stops after ``--patience`` iterations without improvement. A resumed
+The poses and maps written are those of the last iteration at the best gold-standard
+resolution (1% tolerance); the run stops after ``--patience`` iterations worse than that. A resumed
 run chooses among the iterations it runs after the checkpoint's (which it starts from).
 """
 
@@ -79,8 +79,8 @@ def register(sub) -> None:
                    help="align each image to its half map reconstructed without its fold (1/K of the half): "
                         "no image is scored against a map containing itself (0: off, RELION's practice)")
     p.add_argument("--patience", type=int, default=2,
-                   help="stop when the resolution has not improved for this many iterations (0: run them all); "
-                        "the iteration with the best resolution is written either way")
+                   help="stop when the resolution has been worse than the best for this many iterations (0: run "
+                        "them all); the last iteration at the best resolution (1%% tolerance) is written either way")
     p.add_argument("--mask-radius", type=float, default=None, help="reference mask radius (px; default 0.45 D)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.set_defaults(func=run)

@@ -436,7 +436,7 @@ def score_partial_states(work: str, out_dir: str, sel, labels, gt, rows) -> dict
     return dict(work=work, eval_offset=off, n_points=int(len(pts)), n_maps=n,
                 fsc_auc_per_image=[round(x, 5) for x in per], fsc_auc=float(np.mean(per)) if n else None,
                 others_same_images={k: float(np.mean(v["fsc_auc_per_image"][off:off + n])) for k, v in rows.items()
-                                    if v.get("fsc_auc_per_image") and n},
+                                    if len(v.get("fsc_auc_per_image") or []) == len(sel) + off and n},
                 note="compute_state was stopped (session end) before all points were done; filtered maps")
 
 
@@ -507,7 +507,8 @@ def main(argv=None) -> int:
         idx = [p_["eval_offset"] + j for p_ in parts for j in range(p_["n_maps"])]
         part = dict(runs=parts, n_maps=len(per), eval_images=idx, fsc_auc=float(np.mean(per)) if per else None,
                     others_same_images={k: float(np.mean([v["fsc_auc_per_image"][i] for i in idx]))
-                                        for k, v in now.get("methods", {}).items() if v.get("fsc_auc_per_image") and idx})
+                                        for k, v in now.get("methods", {}).items()
+                                        if len(v.get("fsc_auc_per_image") or []) == len(sel) and idx})
         print(json.dumps({k: v for k, v in part.items() if k != "runs"}, indent=1))
         now["recovar_partial_states"] = part
         with open(args.out, "w") as f:

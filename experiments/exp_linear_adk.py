@@ -351,8 +351,9 @@ RECOVAR_STATUS = (
     "finish in the session. Per-image maps from RECOVAR's own outputs instead: its linear model at each image's "
     "embedding (mean + U z, written mean/eigen volumes; best of 6 variants mean or mean_filt x 1, 2, 4 components: "
     "mean_filt + 1 component, FSC-AUC 0.3315 on the 100 images, vs jaxhet's spectral posterior-mean 0.3438); and "
-    "2 kernel-regression states from a 3-state compute_state stopped by the session end "
-    "(--score-partial-states): 0.287 on those 2 images, jaxhet 0.338 on the same images.")
+    "kernel-regression states (compute_state) for 7 of the 100 evaluation images (2 from a 3-state run stopped by a "
+    "session end, 5 from --recovar-states 5 --recovar-states-from 2; --score-partial-states scores them together): "
+    "0.296 on those 7 images, jaxhet's spectral posterior-mean maps 0.341 on the same images.")
 
 
 def recovar_fix_check(d: str, venv: str) -> dict:

@@ -22,15 +22,19 @@ def _perturb(R, deg, seed=0):
     return np.asarray(jnp.einsum("nij,njk->nik", R, axis_angle_to_matrix(jnp.asarray(ax * np.deg2rad(deg), jnp.float32))))
 
 
-@pytest.fixture(scope="module")
-def sim():
+def _simulate(snr, seed):
+    """400 AdK images at D=32 and their true rotation matrices."""
     st = load_structure("adk-closed")
-    p = SimulationParams(n_images=400, box_size=D, pixel_size=PIX, snr=10.0, seed=3, max_shift_in_pixels=1.5,
+    p = SimulationParams(n_images=400, box_size=D, pixel_size=PIX, snr=snr, seed=seed, max_shift_in_pixels=1.5,
                          atom_sigma_in_angstroms=SIGMA_ATOM)
     imgs, meta, sigma = simulate_images(st, p)
-    gt = ground_truth_map(st, 0, D, PIX, SIGMA_ATOM)
-    R = np.asarray(euler_to_matrix(jnp.asarray(meta.euler_in_degrees)))
-    return imgs, meta, sigma, gt, R
+    return st, imgs, meta, sigma, np.asarray(euler_to_matrix(jnp.asarray(meta.euler_in_degrees)))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    st, imgs, meta, sigma, R = _simulate(10.0, 3)
+    return imgs, meta, sigma, ground_truth_map(st, 0, D, PIX, SIGMA_ATOM), R
 
 
 def test_grids():
@@ -128,11 +132,7 @@ def test_refinement_recovers_perturbed_poses(sim):
 
 @pytest.fixture(scope="module")
 def sim_low_snr():
-    st = load_structure("adk-closed")
-    p = SimulationParams(n_images=400, box_size=D, pixel_size=PIX, snr=0.3, seed=4, max_shift_in_pixels=1.5,
-                         atom_sigma_in_angstroms=SIGMA_ATOM)
-    imgs, meta, sigma = simulate_images(st, p)
-    R = np.asarray(euler_to_matrix(jnp.asarray(meta.euler_in_degrees)))
+    _, imgs, meta, _, R = _simulate(0.3, 4)
     return imgs, meta, R
 
 

@@ -388,11 +388,14 @@ def _friedel_flip(g):
     return jnp.roll(jnp.flip(g, axis=(-3, -2, -1)), 1, axis=(-3, -2, -1))
 
 
+def _symmetrize(numerator, weight):
+    """``N(g) + conj N(-g)``, ``W(g) + W(-g)`` (any leading axes)."""
+    return numerator + jnp.conj(_friedel_flip(numerator)), weight + _friedel_flip(weight)
+
+
 def symmetrized_grids(state: ReconstructionState) -> tuple[Array, Array]:
     """Hermitian-complete accumulators: ``N(g) + conj N(-g)``, ``W(g) + W(-g)``, [2, P, P, P]."""
-    n = state.numerator + jnp.conj(_friedel_flip(state.numerator))
-    w = state.weight + _friedel_flip(state.weight)
-    return n, w
+    return _symmetrize(state.numerator, state.weight)
 
 
 def _padded_shells(P: int, pad_factor: int) -> np.ndarray:
@@ -514,39 +517,54 @@ class ReconstructionResult(NamedTuple):
     n_images: np.ndarray
 
 
-@partial(jax.jit, static_argnames=("box_size", "pad_factor", "r_keep", "weight_floor", "gridding_correction"))
-def _raw_maps_jit(numerator, weight, box_size, pad_factor, r_keep, weight_floor, gridding_correction):
-    """Hermitian-symmetrised accumulators (zeroed beyond shell ``r_keep`` when given) and the
-    unregularised maps ``N / max(W, floor)`` of half 0, half 1 and both, [3, D, D, D]; floor =
-    ``weight_floor`` x the shell mean of W. One program (the same steps run op by op
-    compile ~40 small programs, ~1 s per command)."""
+def _unregularised_map(num, w, box_size: int, pad_factor: int, weight_floor: float, gridding_correction: bool):
+    """Real map of ``N / max(W, floor)`` from symmetrised accumulators [P, P, P] (traced in
+    the jitted callers); floor = ``weight_floor`` x the shell mean of W (it only matters in
+    sampling holes and at CTF zeros)."""
     D, pf = box_size, pad_factor
     P = D * pf
     n_sh = D // 2
-    sh = _padded_shells(P, pf)
-    num = numerator + jnp.conj(_friedel_flip(numerator))
-    w = weight + _friedel_flip(weight)
-    if r_keep is not None:
-        keep = jnp.asarray(sh <= r_keep)
-        num, w = num * keep, w * keep
-    shc_np = np.minimum(sh, n_sh - 1)
-    shc = jnp.asarray(shc_np.ravel())
-    count = jnp.asarray(np.maximum(np.bincount(shc_np.ravel(), minlength=n_sh), 1).astype(np.float32))
-
-    def floor_of(wg):
-        mean = jax.ops.segment_sum(wg.ravel(), shc, num_segments=n_sh) / count
-        return (weight_floor * mean)[shc].reshape(wg.shape) + 1e-30
-
+    shc_np = np.minimum(_padded_shells(P, pf), n_sh - 1).ravel()
+    shc = jnp.asarray(shc_np)
+    count = jnp.asarray(np.maximum(np.bincount(shc_np, minlength=n_sh), 1).astype(np.float32))
+    mean = jax.ops.segment_sum(w.ravel(), shc, num_segments=n_sh) / count
+    floor = (weight_floor * mean)[shc].reshape(w.shape) + 1e-30
     s = slice(P // 2 - D // 2, P // 2 - D // 2 + D)
-    corr = jnp.asarray(_sinc2_correction(D, P)) if gridding_correction else 1.0
+    v = ifft3_centered(num / jnp.maximum(w, floor)).real[s, s, s]
+    if gridding_correction:
+        v = v / jnp.asarray(_sinc2_correction(D, P))
+    return v.astype(jnp.float32)
 
-    def to_map(spec):
-        return ifft3_centered(spec).real[s, s, s] / corr
 
-    wf = w[0] + w[1]
-    maps = [to_map(num[h] / jnp.maximum(w[h], floor_of(w[h]))) for h in (0, 1)]
-    maps.append(to_map((num[0] + num[1]) / jnp.maximum(wf, floor_of(wf))))
-    return num, w, jnp.stack(maps).astype(jnp.float32)
+@partial(jax.jit, static_argnames=("box_size", "pad_factor", "r_keep", "weight_floor", "gridding_correction"))
+def _raw_maps_jit(numerator, weight, box_size, pad_factor, r_keep, weight_floor, gridding_correction):
+    """Symmetrised accumulators (zeroed beyond shell ``r_keep`` when given) and the
+    unregularised maps of half 0, half 1 and both, [3, D, D, D]. One program (the same
+    steps run op by op compile ~40 small programs, ~1 s per command)."""
+    num, w = _symmetrize(numerator, weight)
+    if r_keep is not None:
+        keep = jnp.asarray(_padded_shells(box_size * pad_factor, pad_factor) <= r_keep)
+        num, w = num * keep, w * keep
+    args = (box_size, pad_factor, weight_floor, gridding_correction)
+    maps = [_unregularised_map(num[h], w[h], *args) for h in (0, 1)]
+    maps.append(_unregularised_map(num[0] + num[1], w[0] + w[1], *args))
+    return num, w, jnp.stack(maps)
+
+
+@partial(jax.jit, static_argnames=("folds_per_half", "box_size", "pad_factor", "weight_floor", "gridding_correction"))
+def _leave_out_raw_jit(numerator, weight, group, folds_per_half, box_size, pad_factor, weight_floor,
+                       gridding_correction):
+    """Unregularised map of ``group``'s half without that group's accumulators (one
+    program for every group)."""
+    K = folds_per_half
+    start = (group // K) * K
+
+    def others(a):
+        return jnp.sum(jax.lax.dynamic_slice_in_dim(a, start, K), 0) - a[group]
+
+    num, w = others(numerator), others(weight)
+    num, w = _symmetrize(num, w)
+    return _unregularised_map(num, w, box_size, pad_factor, weight_floor, gridding_correction)
 
 
 def finalize_reconstruction(state: ReconstructionState, pixel_size: float, *, snr=None, tau2_fudge: float = 1.0,
@@ -660,17 +678,8 @@ def leave_out_map(state: ReconstructionState, group: int, folds_per_half: int, s
     K = int(folds_per_half)
     if K < 2:
         raise ValueError("leave_out_map: needs at least 2 folds per half")
-    D, pf = state.box_size, state.pad_factor
-    h = int(group) // K
-    sl = slice(h * K, (h + 1) * K)
-    num = jnp.sum(state.numerator[sl], 0) - state.numerator[group]
-    w = jnp.sum(state.weight[sl], 0) - state.weight[group]
-    num = num + jnp.conj(_friedel_flip(num))
-    w = w + _friedel_flip(w)
-    n_sh = D // 2
-    shc = jnp.asarray(np.minimum(_padded_shells(D * pf, pf), n_sh - 1))
-    floor = jnp.asarray(weight_floor * shell_mean(w, pf, n_sh).astype(np.float32))[shc] + 1e-30
-    raw = grid_to_map(num / jnp.maximum(w, floor), D, gridding_correction)
+    raw = np.asarray(_leave_out_raw_jit(state.numerator, state.weight, jnp.int32(group), K, state.box_size,
+                                        state.pad_factor, float(weight_floor), bool(gridding_correction)))
     out = wiener_filter(raw, np.asarray(snr_half, np.float64) * (K - 1) / K)
     return soft_mask_outside_map(out, outer_mask_radius, outer_mask_width) if outer_mask else out
 
